@@ -3,13 +3,12 @@
 from common.data.datalist import SPLITS, image_file_problem, load_datalist, read_datalist_json, write_datalist
 
 
-def __getattr__(name):
-    # Lazy, so `python -m common.data.synthesize` does not import its own module twice.
-    if name in ("ensure_dataset", "synthesize"):
-        from common.data import synthesize as module
+def ensure_dataset(*args, **kwargs):
+    """See :func:`common.data.synthesize.ensure_dataset` (imported lazily, so that
+    ``python -m common.data.synthesize`` does not import its own module twice)."""
+    import importlib
 
-        return getattr(module, name)
-    raise AttributeError(f"module 'common.data' has no attribute {name!r}")
+    return importlib.import_module("common.data.synthesize").ensure_dataset(*args, **kwargs)
 
 
 __all__ = [
@@ -18,6 +17,5 @@ __all__ = [
     "image_file_problem",
     "load_datalist",
     "read_datalist_json",
-    "synthesize",
     "write_datalist",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import NibabelReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -43,11 +44,21 @@ def source_file(image) -> str:
 
 
 class LoadImageCheckedd(LoadImaged):
-    """``LoadImaged`` whose failures name the file and what was expected, in one line."""
+    """``LoadImaged`` with nibabel only, whose failures name the file and what was expected.
+
+    MONAI's ``LoadImaged(reader="NibabelReader")`` falls back to the other registered readers
+    when nibabel fails, and ITK silently zero-fills a truncated .nii.gz; passing the reader at
+    call time restricts loading to nibabel, which raises on a truncated or corrupt file.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("reader", "NibabelReader")
+        super().__init__(*args, **kwargs)
+        self._nibabel = NibabelReader()
 
     def __call__(self, data, reader=None):
         try:
-            return super().__call__(data, reader)
+            return super().__call__(data, reader or self._nibabel)
         except Exception as err:
             files = [str(data.get(key)) for key in self.keys if key in data]
             first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
