@@ -92,7 +92,7 @@ def test_bad_images_fail_naming_the_file(tmp_path, array, kwargs, message):
 def test_unreadable_image_names_the_file(tmp_path, keep):
     path = tmp_path / "truncated.nii.gz"
     good = tmp_path / "good.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.rand(16, 16, 16).astype(np.float32), np.eye(4)), good)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), np.eye(4)), good)
     content = good.read_bytes()
     path.write_bytes(b"not a NIfTI" * 100 if keep == "text" else content[: int(len(content) * keep)])
     with pytest.raises(Exception) as info:
@@ -103,7 +103,7 @@ def test_unreadable_image_names_the_file(tmp_path, keep):
 
 @pytest.mark.parametrize("shape", [(40, 30), (20, 24, 18)])
 def test_overlay_png(tmp_path, shape):
-    image = np.random.rand(*shape)
+    image = np.random.default_rng(0).random(shape)
     amap = np.zeros(shape)
     amap[(slice(5, 9),) * len(shape)] = 1.0
     path = save_overlay_png(image, amap[None], tmp_path / "o.png", title="t")
