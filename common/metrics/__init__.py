@@ -8,7 +8,7 @@ value below and a :class:`DegenerateMetricWarning`, never NaN, so one odd case c
 | metric | definition | degenerate case |
 |---|---|---|
 | ``pearson``/``ncc`` | Pearson r of the flattened maps (NCC of VA-GAN / ICAM) | constant map -> 0 |
-| ``dice`` | 2 abs(P.G) / (abs(P) + abs(G)) of binary maps | both empty -> 1 |
+| ``dice`` | 2 abs(P.G) / (abs(P) + abs(G)), P = map >= threshold | both empty -> 1 |
 | ``auroc`` | area under the voxel ROC curve | one class -> 0.5 |
 | ``auroc_partial`` | ROC area to ``max_fpr`` / ``max_fpr`` (AUROC10: 0.1) | one class -> max_fpr / 2 |
 | ``auprc`` | average precision | no positive -> 0 |
@@ -45,6 +45,8 @@ def _warn(message: str) -> None:
 
 
 def _select(a: np.ndarray, b: np.ndarray, mask) -> tuple[np.ndarray, np.ndarray]:
+    if a.size != b.size:
+        raise ValueError(f"arrays have {a.size} and {b.size} elements; expected the same size")
     if mask is None:
         return a, b
     keep = _flat(mask) > 0
@@ -56,12 +58,15 @@ def _select(a: np.ndarray, b: np.ndarray, mask) -> tuple[np.ndarray, np.ndarray]
 def pearson(a, b, mask=None) -> float:
     """Pearson correlation of two flattened arrays (restricted to ``mask > 0`` when given)."""
     x, y = _select(_flat(a), _flat(b), mask)
-    if x.size != y.size:
-        raise ValueError(f"arrays have {x.size} and {y.size} elements; expected the same size")
+    # Constant maps are tested on the raw values: centring a constant such as 0.1 leaves rounding
+    # residue that would otherwise correlate perfectly.
+    if x.size < 2 or x.min() == x.max() or y.min() == y.max():
+        _warn("pearson/ncc of a constant map is undefined; returning 0")
+        return 0.0
     x = x - x.mean()
     y = y - y.mean()
     denominator = np.sqrt((x * x).sum() * (y * y).sum())
-    if x.size < 2 or denominator == 0.0 or not np.isfinite(denominator):
+    if denominator == 0.0 or not np.isfinite(denominator):
         _warn("pearson/ncc of a constant map is undefined; returning 0")
         return 0.0
     return float((x * y).sum() / denominator)
@@ -78,9 +83,12 @@ def ncc(predicted_map, true_map, mask=None, absolute: bool = False) -> float:
     return pearson(p, t, mask)
 
 
-def dice(predicted, target, threshold: float | None = None) -> float:
-    """Dice of a map binarised at ``threshold`` (``> threshold``; default 0.5) against a binary target."""
-    p = _binary(predicted, threshold)
+def dice(predicted, target, threshold: float = 0.5) -> float:
+    """Dice of a map binarised at ``threshold`` (``>= threshold``) against a binary target (``> 0.5``).
+
+    ``>=`` matches :func:`pr_operating_threshold`, whose threshold is the lowest score kept.
+    """
+    p = _flat(predicted) >= threshold
     g = _binary(target)
     if p.size != g.size:
         raise ValueError(f"maps have {p.size} and {g.size} elements; expected the same size")
@@ -95,7 +103,7 @@ def pr_operating_threshold(scores, targets) -> float:
     """The score threshold at the precision-recall operating point (maximum F1) of pooled voxels.
 
     Choose it on a validation set and apply :func:`dice` with it on the test set (the attribution
-    constraint paper's protocol).
+    constraint paper's protocol). Voxels with ``score >= threshold`` are positive.
     """
     s, t = _flat(scores), _binary(targets)
     if not t.any():
