@@ -6,7 +6,8 @@
 ```
 
 Paths are relative to the dataset folder (absolute paths are accepted too). Optional keys:
-``mask``, ``effect``, ``region``, ``saliency`` and feature values such as ``volume``. Every problem
+``mask``, ``effect``, ``healthy`` (the paired healthy image of a synthetic patient), ``region``,
+``regions`` (a region label image), ``saliency`` and feature values such as ``volume``. Every problem
 is reported as one :class:`~common.errors.DatalistError` line naming the datalist, the split, the
 item index, its image and what was expected.
 """
@@ -23,7 +24,7 @@ from common.errors import DatalistError
 
 SPLITS = ("training", "validation", "test")
 # Keys whose values are file paths relative to the dataset folder.
-PATH_KEYS = ("image", "effect", "mask", "saliency", "regions")
+PATH_KEYS = ("image", "effect", "mask", "healthy", "saliency", "regions")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 

@@ -34,6 +34,7 @@ from common.errors import InputError
 DATALIST_NAME = "datalist.json"
 MANIFEST_NAME = "manifest.json"
 PREVIEW_NAME = "preview.png"
+FOLDERS = {"image": "images", "effect": "effects", "mask": "masks"}  # other keys: a folder of their name
 
 
 def resolve_params(name: str, n: int | None = None, seed: int = 0, **params) -> dict:
@@ -50,42 +51,48 @@ def resolve_params(name: str, n: int | None = None, seed: int = 0, **params) -> 
     return {"generator": name, "version": generator.version, "seed": int(seed), "params": resolved}
 
 
-def _case_files(key: str, index: int) -> str:
-    return f"{key}s/{index:05d}.nii.gz"
-
-
-def _write_case(args) -> dict:
+def _write_case(args) -> list[dict]:
+    """Generate case ``index`` and write its arrays; a case may hold several items (e.g. two ROIs)."""
     name, params, seed, index, planned_label, out_dir = args
     generator = GENERATORS[name]
-    arrays, fields = generator.make_case(case_rng(seed, index), params, planned_label)
-    item = {}
-    for key, array in arrays.items():
-        rel = _case_files(key, index)
-        save_nifti(array, Path(out_dir) / rel)
-        item[key] = rel
-    item.update(fields)
-    return item
+    result = generator.make_case(case_rng(seed, index), params, planned_label)
+    parts = result if isinstance(result, list) else [result]
+    items = []
+    for part, (arrays, fields) in enumerate(parts):
+        fields = dict(fields)
+        affine = fields.pop("affine", None)
+        stem = f"{index:05d}" if len(parts) == 1 else f"{index:05d}_{part}"
+        item = {}
+        for key, array in arrays.items():
+            rel = f"{FOLDERS.get(key, key)}/{stem}.nii.gz"
+            save_nifti(array, Path(out_dir) / rel, affine=affine)
+            item[key] = rel
+        item.update(fields, case=index)
+        items.append(item)
+    return items
 
 
 def generate(request: dict, out_dir: Path, workers: int = 1, progress: bool = True) -> dict:
-    """Write every case and the datalist of ``request`` (from :func:`resolve_params`) into ``out_dir``."""
+    """Write every case and the datalist of ``request`` (from :func:`resolve_params`) into ``out_dir``.
+
+    Splits are drawn over cases, so the items of one case (one subject) stay in one split.
+    """
     name, seed, params = request["generator"], request["seed"], request["params"]
     generator = get_generator(name)
     n = params["n"]
-    planned = generator.plan_labels(n, seed) if generator.plan_labels else [None] * n
+    planned = generator.plan_labels(n, seed, params) if generator.plan_labels else [None] * n
     jobs = [(name, params, seed, i, None if planned[i] is None else int(planned[i]), str(out_dir)) for i in range(n)]
     bar = dict(total=n, desc=f"synthesize {name}", unit="case", disable=not progress, file=sys.stderr)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            items = list(tqdm(pool.map(_write_case, jobs, chunksize=64), **bar))
+            cases = list(tqdm(pool.map(_write_case, jobs, chunksize=max(1, min(64, n // (4 * workers)))), **bar))
     else:
-        items = [_write_case(job) for job in tqdm(jobs, **bar)]
-    labels = np.array([item["label"] for item in items])
+        cases = [_write_case(job) for job in tqdm(jobs, **bar)]
+    labels = np.array([items[0]["label"] for items in cases])
     train, val, test = stratified_splits(labels, seed)
     splits = {
-        "training": [items[i] for i in train],
-        "validation": [items[i] for i in val],
-        "test": [items[i] for i in test],
+        split: [item for i in indices for item in cases[i]]
+        for split, indices in (("training", train), ("validation", val), ("test", test))
     }
     write_datalist(out_dir / DATALIST_NAME, splits)
     return splits

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.data.synthetic import boxes, ellipses
+from common.data.synthetic import boxes, brain, ellipses
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,10 @@ class SyntheticDataset:
     description: str
     version: int  # bump when the recipe changes, so existing folders are regenerated
     defaults: dict
-    make_case: Callable[[np.random.Generator, dict, int | None], tuple[dict, dict]]
-    plan_labels: Callable[[int, int], np.ndarray] | None = None
+    # (rng, params, planned label) -> (arrays, fields), or a list of them for multi-item cases.
+    make_case: Callable[[np.random.Generator, dict, int | None], tuple[dict, dict] | list]
+    # (n, seed, params) -> the label of every case, when the recipe fixes class proportions.
+    plan_labels: Callable[[int, int, dict], np.ndarray] | None = None
     # Keys of make_case's arrays, in the order a preview shows them.
     array_keys: tuple[str, ...] = ("image",)
     scalar_keys: tuple[str, ...] = field(default_factory=tuple)
@@ -58,6 +60,51 @@ GENERATORS: dict[str, SyntheticDataset] = {
         scalar_keys=("aspect_ratio", "size"),
     ),
 }
+
+
+def _patients(n: int, seed: int, params: dict) -> np.ndarray:
+    return brain.plan_patients(n, seed, params["patient_fraction"])
+
+
+def _stroke_classes(n: int, seed: int, params: dict) -> np.ndarray:
+    return brain.plan_stroke(n, seed, params["class_probabilities"])
+
+
+_PHANTOMS = {
+    "brain_lesions": ("ICAM HCP-style cortical lesions in 8 regions (2D axial slices by default)", brain.make_lesions_case),
+    "brain_atrophy": ("AD-like ventricle enlargement and hippocampal shrinkage (3D, 64x80x64)", brain.make_atrophy_case),
+    "brain_tumour": ("FLAIR-like tumour blob with mask, healthy controls (3D, 64x80x64)", brain.make_tumour_case),
+    "brain_ms": ("FLAIR-like periventricular MS ovoids with masks, healthy controls (3D)", brain.make_ms_case),
+}
+for _name, (_description, _make) in _PHANTOMS.items():
+    GENERATORS[_name] = SyntheticDataset(
+        name=_name,
+        description=_description,
+        version=1,
+        defaults=brain.PHANTOM_DEFAULTS[_name],
+        make_case=_make,
+        plan_labels=_patients,
+        array_keys=("healthy", "image", "effect", "mask"),
+    )
+GENERATORS["ct_stroke"] = SyntheticDataset(
+    name="ct_stroke",
+    description="CT hypodense stroke lesions in 6 territories, classes none/left/right/both, 11 slices",
+    version=1,
+    defaults=brain.PHANTOM_DEFAULTS["ct_stroke"],
+    make_case=brain.make_stroke_case,
+    plan_labels=_stroke_classes,
+    array_keys=("healthy", "image", "effect", "mask", "regions"),
+    scalar_keys=("stroke_class", "region"),
+)
+GENERATORS["hippocampus_roi"] = SyntheticDataset(
+    name="hippocampus_roi",
+    description="64^3 1 mm ROIs on both hippocampi; label drawn from hippocampal volume (2 items per subject)",
+    version=1,
+    defaults=brain.PHANTOM_DEFAULTS["hippocampus_roi"],
+    make_case=brain.make_hippocampus_case,
+    array_keys=("image", "mask"),
+    scalar_keys=("volume", "side"),
+)
 
 
 def get_generator(name: str) -> SyntheticDataset:

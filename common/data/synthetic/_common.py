@@ -14,10 +14,9 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def save_nifti(array: np.ndarray, path: Path, spacing: float | tuple[float, ...] = 1.0) -> None:
-    """Write ``array`` as float32 NIfTI with a diagonal (RAS) affine of the given voxel spacing."""
-    spacing = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
-    affine = np.diag([*spacing, 1.0])
+def save_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None) -> None:
+    """Write ``array`` as float32 NIfTI; the default affine is the identity (1 mm, RAS)."""
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine), str(path))
 
@@ -35,8 +34,12 @@ def stratified_splits(labels: np.ndarray, seed: int, test_fraction: float = 0.2,
     This is VA-GAN's protocol (80/20 train/test, then 20% of training for monitoring).
     """
     indices = np.arange(len(labels))
-    strat = labels if len(np.unique(labels)) > 1 else None
-    train_val, test = train_test_split(indices, test_size=test_fraction, stratify=strat, random_state=seed)
-    strat_tv = labels[train_val] if strat is not None else None
-    train, val = train_test_split(train_val, test_size=val_fraction, stratify=strat_tv, random_state=seed + 1)
+    try:
+        train_val, test = train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
+        train, val = train_test_split(
+            train_val, test_size=val_fraction, stratify=labels[train_val], random_state=seed + 1
+        )
+    except ValueError:  # too few cases of a class to stratify (tiny test data sets): plain random splits
+        train_val, test = train_test_split(indices, test_size=test_fraction, random_state=seed)
+        train, val = train_test_split(train_val, test_size=val_fraction, random_state=seed + 1)
     return np.sort(train), np.sort(val), np.sort(test)

@@ -32,7 +32,7 @@ BOXES3D_DEFAULTS = {**BOXES_DEFAULTS, "n": 1000, "shape": [48, 48, 48], "box": 9
 SUBTYPE_NONE, SUBTYPE_A, SUBTYPE_B = 0, 1, 2
 
 
-def plan_labels(n: int, seed: int) -> np.ndarray:
+def plan_labels(n: int, seed: int, params: dict | None = None) -> np.ndarray:
     """Exactly half of the images in each class, in random order."""
     labels = np.array([0] * (n // 2) + [1] * (n - n // 2))
     return np.random.default_rng(seed).permutation(labels)
