@@ -1,0 +1,5 @@
+"""Networks of the five methods, 2D and 3D by ``spatial_dims``, built from MONAI blocks."""
+
+from common.networks.vagan import Classifier, Critic, MapGenerator
+
+__all__ = ["Classifier", "Critic", "MapGenerator"]
