@@ -162,3 +162,24 @@ def map_output_transforms(
         SaveMapd(map_keys, output_dir, image_key),
     ]
     return Compose(steps)
+
+
+class SplitChannelsd(MapTransform):
+    """Split a multi-channel prediction into named single-channel keys (``pred`` -> ``effect``, ...).
+
+    The new keys keep the prediction's metadata, so ``Invertd`` can bring each back to the input space.
+    """
+
+    def __init__(self, key: str, names: Sequence[str]):
+        super().__init__([key])
+        self.names = list(names)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            if pred.shape[0] != len(self.names):
+                raise ValueError(f"'{key}' has {pred.shape[0]} channels; expected {len(self.names)} ({self.names})")
+            for i, name in enumerate(self.names):
+                d[name] = pred[i : i + 1]
+        return d

@@ -1,6 +1,7 @@
 """Data contract, synthetic data sets and MONAI transform helpers shared by the bundles."""
 
 from common.data.datalist import SPLITS, image_file_problem, load_datalist, read_datalist_json, write_datalist
+from common.data.inputs import inference_items
 
 
 def ensure_dataset(*args, **kwargs):
@@ -15,6 +16,7 @@ __all__ = [
     "SPLITS",
     "ensure_dataset",
     "image_file_problem",
+    "inference_items",
     "load_datalist",
     "read_datalist_json",
     "write_datalist",

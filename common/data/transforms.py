@@ -27,6 +27,7 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
     ScaleIntensityd,
     ScaleIntensityRanged,
+    SelectItemsd,
     Spacingd,
 )
 
@@ -139,6 +140,7 @@ def image_transforms(
     channels: int | None = 1,
     min_size: int | Sequence[int] | None = None,
     allow_missing_keys: bool = False,
+    keep: Sequence[str] | None = None,
 ) -> Compose:
     """Load NIfTI image(s) and bring them to the network grid.
 
@@ -153,6 +155,8 @@ def image_transforms(
         resize: ``pad_crop`` (keep resolution, centre pad/crop) or ``resize`` (interpolate to the size).
         channels: expected channel count of the image (``None``: any).
         min_size: smallest spatial size the network accepts.
+        keep: if given, only these keys (besides the images) stay in each item, so datalist items
+            with different optional fields (e.g. ``offset`` on patients only) still batch together.
     """
     if spatial_dims not in AXCODES:
         raise ValueError(f"spatial_dims={spatial_dims}; expected 2 or 3")
@@ -180,4 +184,6 @@ def image_transforms(
         else:
             # anti_aliasing off: it is not invertible and blurs thin structures before a down-sample.
             steps.append(Resized(all_keys, spatial_size=spatial_size, mode=interp, allow_missing_keys=miss))
+    if keep is not None:
+        steps.append(SelectItemsd([*all_keys, *keep]))
     return Compose(steps)

@@ -1,5 +1,6 @@
-"""Ignite handlers: metric handlers over :mod:`common.metrics`."""
+"""Ignite handlers: metric handlers over :mod:`common.metrics` and TensorBoard image logging."""
 
+from common.handlers.images import TensorBoardOutputImages
 from common.handlers.metrics import (
     AUPRC,
     AUROC,
@@ -25,5 +26,6 @@ __all__ = [
     "PointingGame",
     "PooledMetric",
     "TopPDice",
+    "TensorBoardOutputImages",
     "TopPIoU",
 ]

@@ -1,5 +1,5 @@
 """Networks of the five methods, 2D and 3D by ``spatial_dims``, built from MONAI blocks."""
 
-from common.networks.vagan import Classifier, Critic, MapGenerator
+from common.networks.vagan import Classifier, CounterfactualMaps, Critic, EffectMap, MapGenerator
 
-__all__ = ["Classifier", "Critic", "MapGenerator"]
+__all__ = ["Classifier", "CounterfactualMaps", "Critic", "EffectMap", "MapGenerator"]

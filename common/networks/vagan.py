@@ -61,8 +61,16 @@ class MapGenerator(nn.Module):
         for level in range(len(channels) - 2, -1, -1):
             self.up.append(
                 Convolution(
-                    d, below, up_channels, strides=2, kernel_size=4, padding=1, output_padding=0,
-                    is_transposed=True, norm=Norm.BATCH, bias=False,
+                    d,
+                    below,
+                    up_channels,
+                    strides=2,
+                    kernel_size=4,
+                    padding=1,
+                    output_padding=0,
+                    is_transposed=True,
+                    norm=Norm.BATCH,
+                    bias=False,
                 )
             )
             width = channels[level]
@@ -151,3 +159,30 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class EffectMap(nn.Module):
+    """The disease effect VA-GAN estimates for an image: ``-M(x)``, what the generator removes.
+
+    ``x + M(x)`` looks like a control, so ``-M(x)`` is the patient-minus-control difference, the
+    same sign convention as the ground-truth effect maps.
+    """
+
+    def __init__(self, generator: MapGenerator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.generator(x)
+
+
+class CounterfactualMaps(nn.Module):
+    """Inference output of VA-GAN: channels ``[effect, counterfactual]`` = ``[-M(x), x + M(x)]``."""
+
+    def __init__(self, generator: MapGenerator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        change = self.generator(x)
+        return torch.cat([-change, x + change], dim=1)

@@ -1,0 +1,150 @@
+"""VA-GAN bundle end to end through its real configs: train, classifiers, inference, evaluate, resume, 3D."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "vagan" / "configs"
+# Tiny boxes: 32x32 images with 6-pixel squares, so a few iterations run in seconds.
+TINY_BOXES = {"n": 48, "shape": [32, 32], "box": 6, "offset": 9, "jitter": 1}
+LPS = np.array([[-0.9, 0, 0, 10.0], [0, -1.3, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
+
+
+def run_bundle(configs, *overrides, expect_ok=True):
+    files = [str(CONFIGS / c) for c in configs]
+    config_arg = files[0] if len(files) == 1 else json.dumps(files)
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+    for key, value in overrides:
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vagan")
+    common = [
+        ("dataset_dir", str(root / "data")),
+        ("synthetic_params", TINY_BOXES),
+        ("bundle_root", str(root / "bundle")),
+        ("spatial_size", [32, 32]),
+        ("batch_size", 4),
+    ]
+    schedule = [("epoch_length", 2), ("max_epochs", 2), ("critic_steps_boost", 2), ("boost_first", 1)]
+    train = run_bundle(["train.json"], *common, *schedule)
+    for head in ("dense", "cam"):
+        run_bundle(["train_classifier.json"], *common, ("max_epochs", 1), ("classifier_head", head))
+    return root, common, schedule, train
+
+
+def test_training_writes_the_best_and_latest_checkpoints(trained):
+    root, _, _, train = trained
+    models = root / "bundle" / "models"
+    assert (models / "model.pt").is_file()  # best validation NCC
+    assert (models / "checkpoint_epoch=2.pt").is_file()  # latest state, for resume
+    assert (models / "classifier_dense.pt").is_file() and (models / "classifier_cam.pt").is_file()
+    log = train.stdout + train.stderr
+    assert "val_ncc" in log and "wasserstein" in log
+    assert list((root / "bundle" / "logs").glob("events.out.tfevents*"))
+    assert (root / "data" / "manifest.json").is_file()  # the embedded default was generated
+
+
+def test_inference_keeps_the_input_space(trained, tmp_path):
+    root, _, _, _ = trained
+    scan = tmp_path / "scan.nii.gz"
+    image = np.random.default_rng(0).normal(size=(37, 41)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, LPS), scan)
+    out = tmp_path / "out"
+    run_bundle(
+        ["inference.json"],
+        ("bundle_root", str(root / "bundle")),
+        ("spatial_size", [32, 32]),
+        ("input_image", str(scan)),
+        ("output_dir", str(out)),
+    )
+    for name in ("effect", "counterfactual"):
+        written = nib.load(out / f"scan_{name}.nii.gz")
+        assert written.shape == image.shape
+        np.testing.assert_allclose(written.affine, LPS, atol=1e-5)
+        assert (out / f"scan_{name}.png").is_file()
+    assert not list(out.glob(".*partial*"))
+
+
+def test_inference_rejects_a_bad_file(trained, tmp_path):
+    root, _, _, _ = trained
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    proc = run_bundle(
+        ["inference.json"],
+        ("bundle_root", str(root / "bundle")),
+        ("input_image", str(bad)),
+        ("output_dir", str(tmp_path / "out")),
+        expect_ok=False,
+    )
+    assert proc.returncode != 0
+    assert f"{bad}: unreadable NIfTI" in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_reports_every_method(trained):
+    root, common, _, _ = trained
+    run_bundle(["train.json", "evaluate.json"], *common, ("ig_steps", 4))
+    results = json.loads((root / "bundle" / "eval" / "metrics.json").read_text())
+    assert set(results) == {"vagan", "gradient", "guided_backprop", "integrated_gradients", "cam"}
+    for method, result in results.items():
+        assert -1.0 <= result["ncc"] <= 1.0 and result["n"] > 0, method
+    assert results["vagan"]["paper"] == 0.94
+    table = (root / "bundle" / "eval" / "metrics.md").read_text()
+    assert "| integrated_gradients |" in table
+    assert (root / "bundle" / "eval" / "examples.png").stat().st_size > 1000
+
+
+def test_resume_continues_from_the_latest_checkpoint(trained):
+    root, common, schedule, _ = trained
+    overrides = dict(schedule)
+    overrides["max_epochs"] = 3
+    proc = run_bundle(["train.json"], *common, *overrides.items(), ("resume", True))
+    log = proc.stdout + proc.stderr
+    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log  # epochs 1-2 came from the checkpoint
+    assert (root / "bundle" / "models" / "checkpoint_epoch=3.pt").is_file()
+
+
+def test_3d_preset_trains_and_infers_in_the_input_space(tmp_path):
+    common = [
+        ("dataset_dir", str(tmp_path / "data")),
+        ("synthetic_params", {"n": 10, "shape": [16, 24, 16]}),
+        ("bundle_root", str(tmp_path / "bundle")),
+        ("spatial_size", [16, 24, 16]),
+        ("batch_size", 2),
+        ("accumulation_steps", 2),
+    ]
+    run_bundle(
+        ["train.json", "brain3d.json"],
+        *common,
+        ("epoch_length", 1),
+        ("max_epochs", 1),
+        ("critic_steps_boost", 1),
+        ("boost_first", 1),
+    )
+    scan = tmp_path / "volume.nii.gz"
+    volume = np.random.default_rng(1).normal(size=(21, 19, 17)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, LPS), scan)
+    run_bundle(
+        ["inference.json", "brain3d.json"],
+        ("bundle_root", str(tmp_path / "bundle")),
+        ("spatial_size", [16, 24, 16]),
+        ("input_image", str(scan)),
+        ("output_dir", str(tmp_path / "out")),
+    )
+    written = nib.load(tmp_path / "out" / "volume_effect.nii.gz")
+    assert written.shape == volume.shape
+    np.testing.assert_allclose(written.affine, LPS, atol=1e-5)
