@@ -500,26 +500,24 @@ def make_atrophy_case(rng, params, label):
     return _finish(rng, params, spacing, maps, anatomy, diseased, regions, label, {"severity": severity}, affine)
 
 
-def make_tumour_case(rng, params, label):
-    z = _slice_height(rng, params)
-    world, affine, spacing, coords, scale, maps = _subject(rng, params, z_mm=z)
-    anatomy = contrast_image(maps, params["contrast"])
-    if label:
-        diseased, mask = tumour_effect(rng, coords, maps, anatomy, spacing, params)
-    else:
-        diseased, mask = anatomy, np.zeros(anatomy.shape, bool)
-    return _finish(rng, params, spacing, maps, anatomy, diseased, mask, label, {}, affine)
+def _masked_lesion_case(effect):
+    """A case maker for phantoms whose patients get ``effect`` (diseased anatomy, lesion mask)."""
+
+    def make_case(rng, params, label):
+        z = _slice_height(rng, params)
+        world, affine, spacing, coords, scale, maps = _subject(rng, params, z_mm=z)
+        anatomy = contrast_image(maps, params["contrast"])
+        if label:
+            diseased, mask = effect(rng, coords, maps, anatomy, spacing, params)
+        else:
+            diseased, mask = anatomy, np.zeros(anatomy.shape, bool)
+        return _finish(rng, params, spacing, maps, anatomy, diseased, mask, label, {}, affine)
+
+    return make_case
 
 
-def make_ms_case(rng, params, label):
-    z = _slice_height(rng, params)
-    world, affine, spacing, coords, scale, maps = _subject(rng, params, z_mm=z)
-    anatomy = contrast_image(maps, params["contrast"])
-    if label:
-        diseased, mask = ms_effect(rng, coords, maps, anatomy, spacing, params)
-    else:
-        diseased, mask = anatomy, np.zeros(anatomy.shape, bool)
-    return _finish(rng, params, spacing, maps, anatomy, diseased, mask, label, {}, affine)
+make_tumour_case = _masked_lesion_case(tumour_effect)
+make_ms_case = _masked_lesion_case(ms_effect)
 
 
 STROKE_CLASSES = ("none", "left", "right", "both")
