@@ -1,0 +1,5 @@
+"""Losses that need more than (prediction, target): attribution constraints, adversarial terms."""
+
+from common.losses.attribution_constraint import CONSTRAINT_MODES, AttributionConstraintLoss
+
+__all__ = ["CONSTRAINT_MODES", "AttributionConstraintLoss"]

@@ -1,0 +1,90 @@
+"""The attribution-constraint loss: values, and a double-backprop gradient that matches finite differences."""
+
+import pytest
+import torch
+from torch import nn
+
+from common.losses import AttributionConstraintLoss
+from common.networks import PatchGANClassifier
+
+
+class Tiny(nn.Module):
+    """A smooth toy classifier (tanh), so finite differences of its input gradient are accurate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["unsupervised", "supervised", "ross"])
+def test_double_backprop_gradient_matches_finite_differences(mode):
+    torch.manual_seed(0)
+    model = Tiny().double()
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1])
+    mask = (torch.rand(4, 1, 6, 6) > 0.7).double()
+    loss_fn = AttributionConstraintLoss(alpha=3.0, method="G", mode=mode)
+    loss_fn(model, x, y, mask)["loss"].backward()
+    weight = model.conv.weight
+    analytic = weight.grad.clone()
+    eps = 1e-6
+
+    def loss_with(delta, index):
+        with torch.no_grad():
+            weight[index] += delta
+        value = loss_fn(model, x, y, mask)["loss"].item()  # needs autograd: the loss holds a gradient
+        with torch.no_grad():
+            weight[index] -= delta
+        return value
+
+    for index in [(0, 0, 0, 0), (1, 0, 1, 2), (2, 0, 2, 1)]:
+        numeric = (loss_with(eps, index) - loss_with(-eps, index)) / (2 * eps)
+        assert analytic[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def test_constraint_values():
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(4, 1, 6, 6)
+    y = torch.tensor([0, 1, 0, 1])
+    out = AttributionConstraintLoss(alpha=2.0, method="G", mode="unsupervised")(model, x, y)
+    healthy = out["attribution"][y == 0]
+    expected = torch.nn.functional.softplus(healthy).mean()  # BCE(sigmoid(A), 0) per voxel
+    assert torch.allclose(out["attribution_loss"], expected, atol=1e-6)
+    assert torch.allclose(out["loss"], out["bce"] + 2.0 * expected, atol=1e-6)
+    ross = AttributionConstraintLoss(alpha=1.0, mode="ross")(model, x, y)
+    assert torch.allclose(ross["attribution_loss"], (ross["attribution"][y == 0] ** 2).mean(), atol=1e-8)
+    plain = AttributionConstraintLoss(alpha=0.0)(model, x, y)
+    assert plain["attribution"] is None and torch.allclose(plain["loss"], plain["bce"])
+    with pytest.raises(ValueError, match="needs lesion masks"):
+        AttributionConstraintLoss(mode="supervised")(model, x, y)
+
+
+def test_the_constraint_moves_healthy_attribution_negative():
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(8, 1, 6, 6)
+    y = torch.tensor([0, 1] * 4)
+    loss_fn = AttributionConstraintLoss(alpha=50.0, mode="unsupervised")
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = loss_fn(model, x, y)["attribution_loss"].item()
+    for _ in range(60):
+        optimiser.zero_grad()
+        loss_fn(model, x, y)["loss"].backward()
+        optimiser.step()
+    assert loss_fn(model, x, y)["attribution_loss"].item() < before
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 64, 64)), (3, (1, 1, 32, 32, 32))])
+def test_patchgan_classifier(spatial_dims, shape):
+    model = PatchGANClassifier(spatial_dims)
+    x = torch.randn(shape)
+    assert model(x).shape == (shape[0], 1)
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))]
+    assert len(norms) == 3  # C128, C256, C512; none after the first layer
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]
