@@ -88,3 +88,27 @@ def test_patchgan_classifier(spatial_dims, shape):
     assert len(norms) == 3  # C128, C256, C512; none after the first layer
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
     assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]
+
+
+def test_constrained_trainer_runs_the_constraint():
+    from torch.utils.data import DataLoader
+
+    from common.engines import ConstrainedClassifierTrainer
+
+    torch.manual_seed(0)
+    images = torch.randn(8, 1, 6, 6)
+    data = [{"image": images[i], "label": torch.tensor(i % 2), "mask": (images[i] > 1).float()} for i in range(8)]
+    model = Tiny()
+    weights = [p.detach().clone() for p in model.parameters()]
+    trainer = ConstrainedClassifierTrainer(
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=DataLoader(data, batch_size=4),
+        network=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        loss_function=AttributionConstraintLoss(alpha=5.0, mode="supervised"),
+    )
+    trainer.run()
+    out = trainer.state.output
+    assert out["attribution"].shape == (4, 1, 6, 6) and out["attribution_loss"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(weights, model.parameters()))

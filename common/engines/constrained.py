@@ -1,0 +1,50 @@
+"""A supervised classifier trainer whose loss also sees the model: attribution-constrained training.
+
+``SupervisedTrainer`` hands its loss ``(prediction, label)``; an attribution constraint needs the
+network and the input to differentiate the prediction with respect to the input (double
+backprop), so this trainer calls ``loss_function(network, image, label, mask)`` instead, e.g.
+:class:`common.losses.AttributionConstraintLoss`, which returns ``loss``, ``bce``,
+``attribution_loss``, ``logits`` and ``attribution``. Everything else (handlers, metrics,
+validation, checkpoints) is MONAI's.
+"""
+
+from __future__ import annotations
+
+from monai.engines import SupervisedTrainer
+from monai.utils import convert_to_tensor
+
+
+class ConstrainedClassifierTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` for losses of the form ``loss_function(network, x, y, mask) -> dict``.
+
+    ``mask_key`` names the batch key of lesion masks (used by the supervised constraint; absent
+    keys are passed as ``None``). AMP is not used: double backprop through autocast is fragile.
+    """
+
+    def __init__(self, *args, mask_key: str = "mask", **kwargs):
+        kwargs["amp"] = False
+        super().__init__(*args, **kwargs)
+        self.mask_key = mask_key
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        images, labels = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
+        mask = batchdata.get(self.mask_key) if isinstance(batchdata, dict) else None
+        if mask is not None:
+            mask = convert_to_tensor(mask, track_meta=False).to(engine.state.device, non_blocking=engine.non_blocking)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        out = engine.loss_function(engine.network, images, labels, mask)
+        out["loss"].backward()
+        engine.optimizer.step()
+        attribution = out.get("attribution")
+        return {
+            "image": images,
+            "label": labels,
+            "pred": out["logits"].detach(),
+            "loss": out["loss"].detach(),
+            "bce": float(out["bce"].detach()),
+            "attribution_loss": float(out["attribution_loss"].detach()),
+            "attribution": None if attribution is None else attribution[:4].detach(),
+        }
