@@ -204,7 +204,7 @@ class AttributionReport:
                     ax.set_title(name if score is None else f"{name}\n{self.metric_label} {score:.2f}", fontsize=8)
         fig.tight_layout()
         tmp = self.output_dir / ".examples.partial.png"
-        fig.savefig(tmp, dpi=80)
+        fig.savefig(tmp, dpi=60)
         plt.close(fig)
         os.replace(tmp, self.output_dir / "examples.png")
 
