@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.data import CacheDataset
-from monai.utils import convert_to_tensor
 
 from common.errors import DatalistError
 
@@ -61,7 +60,6 @@ class ClassPairDataset(torch.utils.data.Dataset):
 
 def prepare_pair_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
     """(controls, patients) tensors on ``device`` from a batch of :class:`ClassPairDataset` items."""
-    return tuple(
-        convert_to_tensor(batchdata[key], track_meta=False).to(device=device, non_blocking=non_blocking, **kwargs)
-        for key in PAIR_KEYS
-    )
+    from common.engines.batches import PrepareKeys
+
+    return PrepareKeys(*PAIR_KEYS)(batchdata, device, non_blocking, **kwargs)
