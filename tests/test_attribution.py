@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from common.attribution import METHODS, attribute, differentiable_attribution
+from tests.toys import LinearScore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,17 +26,6 @@ def toy_classifier(spatial_dims: int, channels: int = 8, logits: int = 1) -> nn.
         nn.Flatten(),
         nn.Linear(channels, logits),
     ).eval()
-
-
-class LinearScore(nn.Module):
-    """logit = sum(w * x): every attribution has a closed form."""
-
-    def __init__(self, shape):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(1, *shape))
-
-    def forward(self, x):
-        return (self.w * x).flatten(1).sum(1, keepdim=True)
 
 
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 24, 20)), (3, (2, 1, 12, 14, 10))])

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.engines import VAGANTrainer, critic_steps_for, gradient_penalty
 from common.networks import Classifier, CounterfactualMaps, Critic, EffectMap, MapGenerator
+from tests.toys import LinearScore
 
 
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 32, 48)), (3, (1, 1, 16, 24, 16))])
@@ -44,17 +45,8 @@ def test_critic_schedule():
     assert critic_steps_for(7, steps=5, boost=25, boost_first=5, boost_every=0) == 5
 
 
-class LinearCritic(nn.Module):
-    def __init__(self, shape):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(1, *shape))
-
-    def forward(self, x):
-        return (self.w * x).flatten(1).sum(1, keepdim=True)
-
-
 def test_gradient_penalty_uses_the_norm_over_all_voxels():
-    critic = LinearCritic((1, 6, 5))
+    critic = LinearScore((1, 6, 5))
     real, fake = torch.randn(3, 1, 6, 5), torch.randn(3, 1, 6, 5)
     expected = (critic.w.detach().norm() - 1.0) ** 2  # the gradient is w wherever we look
     assert torch.allclose(gradient_penalty(critic, real, fake), expected, atol=1e-5)
