@@ -10,9 +10,10 @@ with the paper's figure beside ours) and ``examples.png`` (the same cases under 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -23,9 +24,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 from monai.engines import Evaluator  # noqa: E402
+from monai.handlers import from_engine  # noqa: E402
 
 from common.attribution import attribute  # noqa: E402
 from common.engines.batches import PrepareKeys  # noqa: E402
+from common.handlers import AUPRC, AUROC, AUROC10, Dice, OperatingThreshold  # noqa: E402
 from common.metrics import mean_sd  # noqa: E402
 
 POSTPROCESS = {
@@ -118,28 +121,41 @@ class AttributionReport:
 
     Args:
         output_dir: where to write.
-        metric_names: {method: engine metric name}, e.g. ``{"vagan": "ncc_vagan"}``.
-        metric_label: what the metric is called in the table (e.g. ``NCC``).
-        paper: {method: the paper's figure} shown beside ours (optional).
+        metric_names: {method: engine metric name} for one column named ``metric_label`` (e.g.
+            ``{"vagan": "ncc_vagan"}``), or {method: {column: engine metric name}} for several.
+        metric_label: the column's name when ``metric_names`` maps to single names.
+        paper: the paper's figures shown beside ours, {method: value} or {method: {column: value}}.
         n_examples: cases in the figure (the first ones of the loader).
         title: the table's heading.
+        sources: other engines, already run, whose metrics the table also uses (e.g. classification
+            rates from a classifier evaluator).
+
+    ``metrics.json`` holds, per method and column (lower case), the mean, ``<column>_sd`` (the
+    per-case sd, ``None`` for pooled metrics) and ``<column>_paper``; ``n`` is the case count.
     """
 
     def __init__(
         self,
         output_dir: str,
-        metric_names: Mapping[str, str],
+        metric_names: Mapping[str, str | Mapping[str, str]],
         metric_label: str = "NCC",
-        paper: Mapping[str, float] | None = None,
+        paper: Mapping[str, float | Mapping[str, float]] | None = None,
         n_examples: int = 4,
         title: str = "Attribution quality",
+        sources: Sequence = (),
     ):
         self.output_dir = Path(output_dir)
-        self.metric_names = dict(metric_names)
-        self.metric_label = metric_label
-        self.paper = dict(paper or {})
+        self.columns = {
+            method: dict(names) if isinstance(names, Mapping) else {metric_label: names}
+            for method, names in metric_names.items()
+        }
+        self.paper = {
+            method: dict(values) if isinstance(values, Mapping) else {metric_label: values}
+            for method, values in (paper or {}).items()
+        }
         self.n_examples = n_examples
         self.title = title
+        self.sources = list(sources)
         self.examples: dict[str, list] = {}
 
     def attach(self, engine) -> None:
@@ -154,37 +170,64 @@ class AttributionReport:
             return
         take = self.n_examples - have
         output = engine.state.output
-        for key in ["image", "target", *[f"map_{m}" for m in self.metric_names]]:
+        for key in ["image", "target", *[f"map_{m}" for m in self.columns]]:
             self.examples.setdefault(key, []).extend(t.detach().cpu().float().numpy() for t in output[key][:take])
+
+    def _lookup(self, engine, name: str) -> tuple[float, float | None, int | None]:
+        """(mean, sd, cases) of a metric: per-case details give the sd, pooled metrics have none."""
+        for source in [engine, *self.sources]:
+            state = source.state
+            details = getattr(state, "metric_details", {}).get(name)
+            if details is not None:
+                values = np.asarray(details.cpu() if isinstance(details, torch.Tensor) else details).reshape(-1)
+                mean, sd = mean_sd(values)
+                return mean, sd, int(values.size)
+            if name in state.metrics:
+                return float(state.metrics[name]), None, None
+        raise KeyError(f"metric '{name}' was not computed by the evaluator or its sources")
 
     def summary(self, engine) -> dict:
         results = {}
-        for method, metric in self.metric_names.items():
-            details = engine.state.metric_details.get(metric)
-            values = np.asarray(details.cpu() if isinstance(details, torch.Tensor) else details).reshape(-1)
-            mean, sd = mean_sd(values)
-            results[method] = {
-                self.metric_label.lower(): mean,
-                "sd": sd,
-                "n": int(values.size),
-                "paper": self.paper.get(method),
-            }
+        for method, columns in self.columns.items():
+            entry: dict = {}
+            cases = []
+            for column, name in columns.items():
+                key = column.lower()
+                mean, sd, n = self._lookup(engine, name)
+                entry[key] = mean
+                entry[f"{key}_sd"] = sd
+                entry[f"{key}_paper"] = self.paper.get(method, {}).get(column)
+                if n is not None:
+                    cases.append(n)
+            entry["n"] = max(cases) if cases else None
+            results[method] = entry
         return results
 
     def _write(self, engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results = self.summary(engine)
         _atomic_write(self.output_dir / "metrics.json", json.dumps(results, indent=2))
-        label = self.metric_label
-        lines = [f"### {self.title}", "", f"| method | {label} (mean +/- sd) | cases | paper |", "|---|---|---|---|"]
+        labels = list(dict.fromkeys(c for columns in self.columns.values() for c in columns))
+        header = ["method", *labels, "cases"]
+        lines = [f"### {self.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method, r in results.items():
-            paper = "" if r["paper"] is None else f"{r['paper']:.2f}"
-            lines.append(f"| {method} | {r[label.lower()]:.3f} +/- {r['sd']:.3f} | {r['n']} | {paper} |")
+            cells = [method]
+            for label in labels:
+                key = label.lower()
+                if key not in r:
+                    cells.append("")
+                    continue
+                cell = f"{r[key]:.3f}" if r[f"{key}_sd"] is None else f"{r[key]:.3f} +/- {r[f'{key}_sd']:.3f}"
+                if r[f"{key}_paper"] is not None:
+                    cell += f" (paper {r[f'{key}_paper']:.2f})"
+                cells.append(cell)
+            cells.append("" if r["n"] is None else str(r["n"]))
+            lines.append("| " + " | ".join(cells) + " |")
         _atomic_write(self.output_dir / "metrics.md", "\n".join(lines) + "\n")
         self._figure(results)
 
     def _figure(self, results: dict) -> None:
-        columns = ["image", "target", *[f"map_{m}" for m in self.metric_names]]
+        columns = ["image", "target", *[f"map_{m}" for m in self.columns]]
         n = len(self.examples.get("image", []))
         if n == 0:
             return
@@ -200,8 +243,9 @@ class AttributionReport:
                 ax.axis("off")
                 if row == 0:
                     name = key.removeprefix("map_")
-                    score = results.get(name, {}).get(self.metric_label.lower())
-                    ax.set_title(name if score is None else f"{name}\n{self.metric_label} {score:.2f}", fontsize=8)
+                    first = next(iter(self.columns.get(name, {})), None)
+                    score = None if first is None else results[name][first.lower()]
+                    ax.set_title(name if score is None else f"{name}\n{first} {score:.2f}", fontsize=8)
         fig.tight_layout()
         tmp = self.output_dir / ".examples.partial.png"
         fig.savefig(tmp, dpi=60)
@@ -213,3 +257,76 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def operating_thresholds(methods: Sequence[str]) -> dict:
+    """``threshold_<method>``: the precision-recall operating point of each map over all voxels seen.
+
+    Run on the validation patients; :func:`segmentation_metrics` reads the thresholds for Dice.
+    """
+    return {f"threshold_{m}": OperatingThreshold(output_transform=from_engine([f"map_{m}", "target"])) for m in methods}
+
+
+def segmentation_metrics(methods: Sequence[str], threshold_engine) -> dict:
+    """Per method: Dice at the validation operating threshold (mean over cases) and the pooled
+    voxel-level AUROC, AUROC10 and AUPRC (the attribution-constraint paper's protocol).
+
+    ``threshold_engine`` is the evaluator that computed :func:`operating_thresholds`; it has run by
+    the time these metrics are computed.
+    """
+    found = {}
+    for m in methods:
+        pair = from_engine([f"map_{m}", "target"])
+        found[f"dice_{m}"] = Dice(
+            threshold=functools.partial(_state_metric, threshold_engine, f"threshold_{m}"), output_transform=pair
+        )
+        found[f"auroc_{m}"] = AUROC(pooled=True, output_transform=pair)
+        found[f"auroc10_{m}"] = AUROC10(pooled=True, output_transform=pair)
+        found[f"auprc_{m}"] = AUPRC(pooled=True, output_transform=pair)
+    return found
+
+
+def _state_metric(engine, name: str) -> float:
+    if name not in engine.state.metrics:
+        raise RuntimeError(f"'{name}' is not available: run the validation evaluator before the test one")
+    return float(engine.state.metrics[name])
+
+
+def reference_images(dataset, n: int = 32, seed: int = 0, image_key: str = "image") -> torch.Tensor:
+    """``n`` images drawn at random from ``dataset``, stacked: expected gradients' reference set."""
+    order = np.random.default_rng(seed).permutation(len(dataset))[:n]
+    return torch.stack([torch.as_tensor(dataset[int(i)][image_key]).as_subclass(torch.Tensor) for i in order])
+
+
+class SaveThresholds:
+    """At the end of a run, write ``{name: engine metric}`` (e.g. operating thresholds) to a JSON file.
+
+    The attribution-constraint bundle stores its segmentation thresholds next to the model this
+    way, so inference thresholds maps exactly as the evaluation did.
+    """
+
+    def __init__(self, path: str, names: Mapping[str, str]):
+        self.path = Path(path)
+        self.names = dict(names)
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        values = {name: float(engine.state.metrics[metric]) for name, metric in self.names.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path, json.dumps(values, indent=2) + "\n")
+
+
+def load_threshold(path: str, name: str) -> float:
+    """The threshold ``name`` saved by :class:`SaveThresholds`, with a clear error if it is missing."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file}: no segmentation thresholds; run the bundle's evaluate.json first "
+            "(it chooses them on the validation patients) or pass --segmentation_threshold VALUE"
+        )
+    values = json.loads(file.read_text())
+    if name not in values:
+        raise KeyError(f"{file}: no threshold for '{name}' (has {sorted(values)}); pass --segmentation_threshold VALUE")
+    return float(values[name])

@@ -2,8 +2,11 @@
 
 from common.attribution.baselines import METHODS, ClassScore, attribute, last_conv_layer
 from common.attribution.differentiable import TRAINING_METHODS, class_logit, differentiable_attribution
+from common.attribution.transforms import PAPER_NAMES, Attributiond
 
 __all__ = [
+    "Attributiond",
+    "PAPER_NAMES",
     "METHODS",
     "TRAINING_METHODS",
     "ClassScore",

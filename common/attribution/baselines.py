@@ -85,6 +85,7 @@ def attribute(
     stride: int | tuple[int, ...] = 5,
     layer: nn.Module | str | None = None,
     internal_batch_size: int | None = None,
+    relu: bool = True,
 ) -> torch.Tensor:
     """Attribution map of ``method`` for ``inputs`` (B, C, *spatial), same shape as the input.
 
@@ -98,6 +99,8 @@ def attribute(
         n_samples: expected-gradients samples per input.
         window, stride: occlusion block and stride in voxels (ICAM used 10^3 and 5).
         layer: Grad-CAM layer (module or its name); default the last convolution.
+        relu: Grad-CAM keeps positive evidence only (``False``: signed, the attribution
+            constraint paper's NoConsGC).
         internal_batch_size: perturbed copies per forward pass (default: by input size).
     """
     if method not in METHODS:
@@ -137,7 +140,7 @@ def attribute(
             .detach()
         )
     # grad_cam
-    cam = LayerGradCam(scorer, _resolve_layer(model, layer)).attribute(inputs, target=target, relu_attributions=True)
+    cam = LayerGradCam(scorer, _resolve_layer(model, layer)).attribute(inputs, target=target, relu_attributions=relu)
     mode = "bilinear" if spatial_dims == 2 else "trilinear"
     cam = LayerAttribution.interpolate(cam.detach(), tuple(inputs.shape[2:]), interpolate_mode=mode)
     return cam.expand(-1, inputs.shape[1], *([-1] * spatial_dims)).contiguous()

@@ -1,6 +1,6 @@
 """Ignite handlers: metric handlers over :mod:`common.metrics` and TensorBoard image logging."""
 
-from common.handlers.images import TensorBoardOutputImages
+from common.handlers.images import TensorBoardAttributionMaps, TensorBoardOutputImages
 from common.handlers.metrics import (
     AUPRC,
     AUROC,
@@ -8,6 +8,7 @@ from common.handlers.metrics import (
     NCC,
     ClassificationRate,
     Dice,
+    OperatingThreshold,
     PerCaseMetric,
     PointingGame,
     PooledMetric,
@@ -22,10 +23,12 @@ __all__ = [
     "NCC",
     "ClassificationRate",
     "Dice",
+    "OperatingThreshold",
     "PerCaseMetric",
     "PointingGame",
     "PooledMetric",
     "TopPDice",
+    "TensorBoardAttributionMaps",
     "TensorBoardOutputImages",
     "TopPIoU",
 ]

@@ -40,3 +40,51 @@ class TensorBoardOutputImages:
             if isinstance(output, dict) and isinstance(output.get(key), torch.Tensor):
                 self.writer.add_images(f"train/{key}", _as_grid(output[key]), engine.state.iteration)
         self.writer.flush()
+
+
+class TensorBoardAttributionMaps:
+    """After every epoch, write the attribution maps of a few fixed validation patients to TensorBoard.
+
+    The maps come from :func:`common.attribution.attribute` on ``network`` (e.g. ``gradient``,
+    the map the attribution constraint shapes), next to the images and, if present, their masks.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        dataset,
+        log_dir: str,
+        method: str = "gradient",
+        n_images: int = 4,
+        image_key: str = "image",
+        label_key: str = "label",
+        mask_key: str = "mask",
+        device: torch.device | str = "cpu",
+    ):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir)
+        self.network = network
+        self.method = method
+        items = [dataset[i] for i in range(len(dataset))]
+        patients = [item for item in items if int(item[label_key]) == 1][:n_images]
+        self.images = torch.stack([torch.as_tensor(item[image_key]) for item in patients]).to(device)
+        masks = [item.get(mask_key) for item in patients]
+        self.masks = None if any(m is None for m in masks) else torch.stack([torch.as_tensor(m) for m in masks])
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        from common.attribution import attribute
+
+        was_training = self.network.training
+        self.network.eval()
+        maps = attribute(self.network, self.images.as_subclass(torch.Tensor), self.method)
+        self.network.train(was_training)
+        step = engine.state.epoch
+        self.writer.add_images("validation/image", _as_grid(self.images), step)
+        self.writer.add_images(f"validation/{self.method}", _as_grid(maps), step)
+        if self.masks is not None:
+            self.writer.add_images("validation/mask", _as_grid(self.masks), step)
+        self.writer.flush()

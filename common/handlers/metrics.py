@@ -97,11 +97,24 @@ class NCC(_Handler):
         super().__init__(metrics.ncc, False, output_transform, save_details, absolute=absolute)
 
 
-class Dice(_Handler):
-    """Mean Dice of maps binarised at ``threshold`` (e.g. from ``pr_operating_threshold``) with masks."""
+def _dice_at(predicted, target, threshold: float | Callable[[], float]) -> float:
+    return metrics.dice(predicted, target, threshold=threshold() if callable(threshold) else threshold)
 
-    def __init__(self, threshold: float = 0.5, output_transform: Callable = IDENTITY, save_details: bool = True):
-        super().__init__(metrics.dice, False, output_transform, save_details, threshold=threshold)
+
+class Dice(_Handler):
+    """Mean Dice of maps binarised at ``threshold`` with masks.
+
+    ``threshold`` may be a callable, read when the metric is computed: the attribution-constraint
+    protocol takes it from the validation run (:class:`OperatingThreshold`) that precedes the test run.
+    """
+
+    def __init__(
+        self,
+        threshold: float | Callable[[], float] = 0.5,
+        output_transform: Callable = IDENTITY,
+        save_details: bool = True,
+    ):
+        super().__init__(_dice_at, False, output_transform, save_details, threshold=threshold)
 
 
 class _ScoreHandler(_Handler):
@@ -131,6 +144,13 @@ class AUPRC(_ScoreHandler):
 
     def __init__(self, pooled: bool = False, output_transform: Callable = IDENTITY, save_details: bool = True):
         super().__init__(metrics.auprc, pooled, output_transform, save_details)
+
+
+class OperatingThreshold(_ScoreHandler):
+    """The map threshold at the precision-recall operating point (max F1) of all voxels seen."""
+
+    def __init__(self, output_transform: Callable = IDENTITY):
+        super().__init__(metrics.pr_operating_threshold, True, output_transform, False)
 
 
 class PointingGame(_Handler):

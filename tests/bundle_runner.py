@@ -1,0 +1,26 @@
+"""Run a bundle's real configs through ``python -m monai.bundle run``, as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+# A non-RAS (LPS-like), anisotropic affine with an offset origin: outputs must keep it exactly.
+LPS = np.array([[-0.9, 0, 0, 10.0], [0, -1.3, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
+
+
+def run_bundle(bundle: str, configs, *overrides, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """``configs`` are file names in ``bundles/<bundle>/configs`` (merged in order); overrides are (id, value)."""
+    files = [str(REPO / "bundles" / bundle / "configs" / c) for c in configs]
+    config_arg = files[0] if len(files) == 1 else json.dumps(files)
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+    for key, value in overrides:
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if expect_ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

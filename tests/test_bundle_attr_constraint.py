@@ -1,0 +1,164 @@
+"""Attribution-constraint bundle end to end through its real configs: train (constrained and
+unconstrained), evaluate (thresholds, every method and metric), inference in the input's space."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common.networks import PatchGANClassifier
+from tests import bundle_runner
+from tests.bundle_runner import LPS
+
+# Tiny 2D tumour slices: 32x40 pixels, 40 cases, so a training epoch takes seconds.
+TINY = {"spatial_dims": 2, "shape": [32, 40], "n": 40}
+METHODS = {"constrained", "constrained_EG", "constrained_IG", "NoConsG", "NoConsGC", "NoCons_EG"}
+COLUMNS = ("tpr", "tnr", "dice", "auroc", "auroc10", "auprc")
+
+
+def run_bundle(configs, *overrides, expect_ok=True):
+    return bundle_runner.run_bundle("attr_constraint", configs, *overrides, expect_ok=expect_ok)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attr_constraint")
+    common = [
+        ("dataset_dir", str(root / "data")),
+        ("synthetic_params", TINY),
+        ("bundle_root", str(root / "bundle")),
+        ("spatial_size", [32, 40]),
+        ("batch_size", 4),
+    ]
+    models = root / "bundle" / "models"
+    train = run_bundle(["train.json"], *common, ("max_epochs", 2), ("alpha_A", 10.0))
+    run_bundle(
+        ["train.json"], *common, ("max_epochs", 1), ("alpha_A", 0.0), ("ckpt_dir", str(models / "unconstrained"))
+    )
+    return root, common, train
+
+
+def test_training_logs_the_constraint_and_keeps_checkpoints(trained):
+    root, _, train = trained
+    models = root / "bundle" / "models"
+    assert (models / "model.pt").is_file()  # best validation accuracy
+    assert (models / "checkpoint_epoch=2.pt").is_file()  # latest state, for resume
+    assert (models / "unconstrained" / "model.pt").is_file()
+    log = train.stdout + train.stderr
+    assert "val_accuracy" in log and "val_tpr" in log and "attribution_loss" in log
+    # alpha_A > 0: the logged attribution loss is the BCE of healthy-voxel attributions (log 2 at zero).
+    losses = [
+        float(line.split("attribution_loss: ")[1].split()[0])
+        for line in log.splitlines()
+        if "attribution_loss: " in line
+    ]
+    assert losses and all(0.0 < v < 5.0 for v in losses)
+    assert list((root / "bundle" / "logs").glob("events.out.tfevents*"))
+
+
+def test_evaluate_reports_every_method_and_saves_thresholds(trained):
+    root, common, _ = trained
+    run_bundle(["train.json", "evaluate.json"], *common, ("eg_samples", 4), ("ig_steps", 4), ("eg_reference_count", 4))
+    results = json.loads((root / "bundle" / "eval" / "metrics.json").read_text())
+    assert set(results) == METHODS
+    for method, result in results.items():
+        for column in COLUMNS:
+            assert 0.0 <= result[column] <= 1.0, (method, column)
+        assert result["n"] > 0
+    assert results["constrained"]["dice_paper"] == 0.51 and results["NoConsG"]["auprc_paper"] == 0.16
+    # G and EG of one model are correlated, not identical.
+    assert -1.0 <= results["constrained_EG"]["pearson_g_eg"] < 1.0
+    # Both models share the same test images: the unconstrained rows report the same rates.
+    assert results["NoConsG"]["tpr"] == results["NoConsGC"]["tpr"]
+    thresholds = json.loads((root / "bundle" / "models" / "thresholds.json").read_text())
+    assert set(thresholds) == {"G", "IG", "EG"}
+    table = (root / "bundle" / "eval" / "metrics.md").read_text()
+    assert "| NoConsGC |" in table and "(paper 0.51)" in table
+    assert (root / "bundle" / "eval" / "examples.png").stat().st_size > 1000
+
+
+def write_scan(path, shape, affine):
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, affine), path)
+    return image
+
+
+def check_outputs(out, stem, image):
+    for name in ("attribution", "segmentation"):
+        written = nib.load(out / f"{stem}_{name}.nii.gz")
+        assert written.shape == image.shape
+        np.testing.assert_allclose(written.affine, LPS, atol=1e-5)
+    segmentation = np.asarray(nib.load(out / f"{stem}_segmentation.nii.gz").dataobj)
+    assert set(np.unique(segmentation)) <= {0, 1}
+    rows = (out / "probabilities.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 and stem in rows[0] and 0.0 <= float(rows[0].split(",")[-1]) <= 1.0
+    assert (out / f"{stem}_attribution.png").is_file()
+    assert not list(out.glob(".*partial*"))
+
+
+def test_inference_keeps_the_input_space_and_uses_the_saved_threshold(trained, tmp_path):
+    root, _, _ = trained
+    if not (root / "bundle" / "models" / "thresholds.json").is_file():
+        pytest.skip("needs the thresholds written by the evaluate test")
+    scan = tmp_path / "scan.nii.gz"
+    image = write_scan(scan, (37, 45), LPS)
+    out = tmp_path / "out"
+    args = [("bundle_root", str(root / "bundle")), ("spatial_size", [32, 40]), ("input_image", str(scan))]
+    run_bundle(["inference.json"], *args, ("output_dir", str(out)))
+    check_outputs(out, "scan", image)
+    # A threshold below every attribution value segments the whole (padded-back) image.
+    run_bundle(["inference.json"], *args, ("output_dir", str(tmp_path / "all")), ("segmentation_threshold", -1e9))
+    assert np.asarray(nib.load(tmp_path / "all" / "scan_segmentation.nii.gz").dataobj).all()
+    # Expected gradients at inference, references from the training datalist.
+    run_bundle(
+        ["inference.json"],
+        *args,
+        ("output_dir", str(tmp_path / "eg")),
+        ("inference_method", "EG"),
+        ("eg_samples", 4),
+        ("eg_reference_count", 4),
+        ("eg_reference_datalist", str(root / "data" / "datalist.json")),
+        ("dataset_dir", str(root / "data")),
+    )
+    check_outputs(tmp_path / "eg", "scan", image)
+
+
+def test_3d_preset_inference_on_a_non_ras_volume(tmp_path):
+    # The 3D preset's network with random weights: this checks geometry, not accuracy.
+    models = tmp_path / "bundle" / "models"
+    models.mkdir(parents=True)
+    torch.save(PatchGANClassifier(spatial_dims=3).state_dict(), models / "model.pt")
+    scan = tmp_path / "volume.nii.gz"
+    image = write_scan(scan, (30, 37, 26), LPS)
+    out = tmp_path / "out"
+    run_bundle(
+        ["inference.json", "brain3d.json"],
+        ("bundle_root", str(tmp_path / "bundle")),
+        ("spatial_size", [32, 40, 32]),
+        ("input_image", str(scan)),
+        ("output_dir", str(out)),
+        ("segmentation_threshold", 0.0),
+    )
+    check_outputs(out, "volume", image)
+
+
+def test_inference_without_thresholds_says_what_to_do(tmp_path):
+    models = tmp_path / "bundle" / "models"
+    models.mkdir(parents=True)
+    torch.save(PatchGANClassifier(spatial_dims=2).state_dict(), models / "model.pt")
+    scan = tmp_path / "scan.nii.gz"
+    write_scan(scan, (32, 40), LPS)
+    proc = run_bundle(
+        ["inference.json"],
+        ("bundle_root", str(tmp_path / "bundle")),
+        ("input_image", str(scan)),
+        ("output_dir", str(tmp_path / "out")),
+        expect_ok=False,
+    )
+    assert proc.returncode != 0
+    assert (
+        "thresholds.json: no segmentation thresholds; run the bundle's evaluate.json first" in proc.stdout + proc.stderr
+    )
+    assert not (tmp_path / "out").exists()
