@@ -162,3 +162,19 @@ def test_inference_without_thresholds_says_what_to_do(tmp_path):
         "thresholds.json: no segmentation thresholds; run the bundle's evaluate.json first" in proc.stdout + proc.stderr
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_ms_preset_trains(tmp_path):
+    # The MS preset through the real configs on a tiny grid: brain_ms slices, one epoch.
+    proc = run_bundle(
+        ["train.json", "ms.json"],
+        ("dataset_dir", str(tmp_path / "data")),
+        ("synthetic_params", {"spatial_dims": 2, "shape": [32, 40], "n": 24}),
+        ("bundle_root", str(tmp_path / "bundle")),
+        ("spatial_size", [32, 40]),
+        ("batch_size", 4),
+        ("max_epochs", 1),
+    )
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["generator"] == "brain_ms"
+    assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
+    assert "val_accuracy" in proc.stdout + proc.stderr
