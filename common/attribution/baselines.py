@@ -51,9 +51,16 @@ class ClassScore(nn.Module):
         return torch.cat([-out, out], dim=1) if out.shape[1] == 1 else out
 
 
-def default_chunk(inputs: torch.Tensor, n_copies: int, elements: int = DEFAULT_ELEMENTS_PER_CHUNK) -> int:
-    """How many perturbed copies of one input to evaluate at once."""
-    per_copy = max(1, inputs[0].numel())
+def default_chunk(
+    inputs: torch.Tensor, n_copies: int, elements: int = DEFAULT_ELEMENTS_PER_CHUNK, per_batch: bool = False
+) -> int:
+    """How many perturbed copies to evaluate at once, within a budget of input elements per pass.
+
+    ``per_batch=False``: copies of one input (Captum's IG counts its internal batch in rows).
+    ``per_batch=True``: copies of the whole batch (expected-gradients samples and occlusion
+    perturbations are applied to every input of the batch at once).
+    """
+    per_copy = max(1, inputs.numel() if per_batch else inputs[0].numel())
     return int(max(1, min(n_copies, elements // per_copy)))
 
 
@@ -126,7 +133,7 @@ def attribute(
         positions = 1
         for size, w, s in zip(inputs.shape[2:], windows, strides):
             positions *= max(1, (size - w) // s + 1)
-        chunk = internal_batch_size or default_chunk(inputs, positions)
+        chunk = internal_batch_size or default_chunk(inputs, positions, per_batch=True)
         return (
             Occlusion(scorer)
             .attribute(
@@ -157,7 +164,7 @@ def _expected_gradients(
     if references is None:
         references = torch.zeros_like(inputs[:1])
     gradient_shap = GradientShap(scorer)
-    chunk = chunk or default_chunk(inputs, n_samples)
+    chunk = chunk or default_chunk(inputs, n_samples, per_batch=True)
     total = torch.zeros_like(inputs)
     done = 0
     while done < n_samples:
