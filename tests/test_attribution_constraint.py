@@ -112,3 +112,33 @@ def test_constrained_trainer_runs_the_constraint():
     out = trainer.state.output
     assert out["attribution"].shape == (4, 1, 6, 6) and out["attribution_loss"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_constrained_trainer_clips_the_gradient_norm():
+    from torch.utils.data import DataLoader
+
+    from common.engines import ConstrainedClassifierTrainer
+
+    norms = {}
+    for max_norm in (None, 1e-3):
+        torch.manual_seed(0)
+        images = torch.randn(4, 1, 6, 6)
+        data = [{"image": images[i], "label": torch.tensor(i % 2)} for i in range(4)]
+        model = Tiny()
+        # Plain SGD: the step is the (clipped) gradient, so its norm shows the clipping.
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        trainer = ConstrainedClassifierTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=DataLoader(data, batch_size=4),
+            network=model,
+            optimizer=optimizer,
+            loss_function=AttributionConstraintLoss(alpha=100.0),
+            max_grad_norm=max_norm,
+        )
+        trainer.run()
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        norms[max_norm] = (after - before).norm().item()
+    assert norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
+    assert norms[None] > 10 * norms[1e-3]

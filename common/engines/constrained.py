@@ -10,6 +10,7 @@ validation, checkpoints) is MONAI's.
 
 from __future__ import annotations
 
+import torch
 from monai.engines import SupervisedTrainer
 from monai.utils import convert_to_tensor
 
@@ -19,12 +20,15 @@ class ConstrainedClassifierTrainer(SupervisedTrainer):
 
     ``mask_key`` names the batch key of lesion masks (used by the supervised constraint; absent
     keys are passed as ``None``). AMP is not used: double backprop through autocast is fragile.
+    ``max_grad_norm`` (optional) clips the parameters' gradient norm before each step: the
+    constraint can make single batches produce very large gradients.
     """
 
-    def __init__(self, *args, mask_key: str = "mask", **kwargs):
+    def __init__(self, *args, mask_key: str = "mask", max_grad_norm: float | None = None, **kwargs):
         kwargs["amp"] = False
         super().__init__(*args, **kwargs)
         self.mask_key = mask_key
+        self.max_grad_norm = max_grad_norm
 
     def _iteration(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
@@ -37,6 +41,8 @@ class ConstrainedClassifierTrainer(SupervisedTrainer):
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         out = engine.loss_function(engine.network, images, labels, mask)
         out["loss"].backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_grad_norm)
         engine.optimizer.step()
         attribution = out.get("attribution")
         return {
