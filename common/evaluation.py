@@ -23,11 +23,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ignite.engine import Events  # noqa: E402
+from monai.data import Dataset  # noqa: E402
 from monai.engines import Evaluator  # noqa: E402
 from monai.handlers import from_engine  # noqa: E402
 
 from common.attribution import attribute  # noqa: E402
+from common.data import load_datalist  # noqa: E402
 from common.engines.batches import PrepareKeys  # noqa: E402
+from common.errors import InputError  # noqa: E402
 from common.handlers import AUPRC, AUROC, AUROC10, Dice, OperatingThreshold  # noqa: E402
 from common.metrics import mean_sd  # noqa: E402
 
@@ -330,3 +333,16 @@ def load_threshold(path: str, name: str) -> float:
     if name not in values:
         raise KeyError(f"{file}: no threshold for '{name}' (has {sorted(values)}); pass --segmentation_threshold VALUE")
     return float(values[name])
+
+
+def datalist_reference_images(
+    datalist: str, split: str, transform, n: int = 32, seed: int = 0, dataset_dir: str | None = None
+) -> torch.Tensor:
+    """Expected gradients' references for inference: ``n`` images of a datalist split, preprocessed."""
+    if not datalist:
+        raise InputError(
+            "expected gradients at inference need reference images: pass --eg_reference_datalist DATALIST "
+            "(e.g. the training datalist) and --eg_reference_split SPLIT"
+        )
+    items = load_datalist(datalist, split, dataset_dir=dataset_dir, required_keys=("image",), allowed_labels=None)
+    return reference_images(Dataset(items, transform), n, seed=seed)

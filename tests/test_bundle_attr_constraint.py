@@ -58,9 +58,15 @@ def test_training_logs_the_constraint_and_keeps_checkpoints(trained):
     assert list((root / "bundle" / "logs").glob("events.out.tfevents*"))
 
 
-def test_evaluate_reports_every_method_and_saves_thresholds(trained):
+@pytest.fixture(scope="module")
+def evaluated(trained):
     root, common, _ = trained
     run_bundle(["train.json", "evaluate.json"], *common, ("eg_samples", 4), ("ig_steps", 4), ("eg_reference_count", 4))
+    return root
+
+
+def test_evaluate_reports_every_method_and_saves_thresholds(evaluated):
+    root = evaluated
     results = json.loads((root / "bundle" / "eval" / "metrics.json").read_text())
     assert set(results) == METHODS
     for method, result in results.items():
@@ -98,10 +104,8 @@ def check_outputs(out, stem, image):
     assert not list(out.glob(".*partial*"))
 
 
-def test_inference_keeps_the_input_space_and_uses_the_saved_threshold(trained, tmp_path):
-    root, _, _ = trained
-    if not (root / "bundle" / "models" / "thresholds.json").is_file():
-        pytest.skip("needs the thresholds written by the evaluate test")
+def test_inference_keeps_the_input_space_and_uses_the_saved_threshold(evaluated, tmp_path):
+    root = evaluated
     scan = tmp_path / "scan.nii.gz"
     image = write_scan(scan, (37, 45), LPS)
     out = tmp_path / "out"
@@ -178,3 +182,25 @@ def test_ms_preset_trains(tmp_path):
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["generator"] == "brain_ms"
     assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
     assert "val_accuracy" in proc.stdout + proc.stderr
+
+
+def test_expected_gradients_inference_without_references_says_what_to_do(tmp_path):
+    models = tmp_path / "bundle" / "models"
+    models.mkdir(parents=True)
+    torch.save(PatchGANClassifier(spatial_dims=2).state_dict(), models / "model.pt")
+    scan = tmp_path / "scan.nii.gz"
+    write_scan(scan, (32, 40), LPS)
+    proc = run_bundle(
+        ["inference.json"],
+        ("bundle_root", str(tmp_path / "bundle")),
+        ("input_image", str(scan)),
+        ("output_dir", str(tmp_path / "out")),
+        ("inference_method", "EG"),
+        ("segmentation_threshold", 0.0),
+        expect_ok=False,
+    )
+    assert proc.returncode != 0
+    assert "expected gradients at inference need reference images: pass --eg_reference_datalist" in (
+        proc.stdout + proc.stderr
+    )
+    assert not (tmp_path / "out").exists()
