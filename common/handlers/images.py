@@ -66,8 +66,13 @@ class TensorBoardAttributionMaps:
         self.writer = SummaryWriter(log_dir=log_dir)
         self.network = network
         self.method = method
-        items = [dataset[i] for i in range(len(dataset))]
-        patients = [item for item in items if int(item[label_key]) == 1][:n_images]
+        patients = []
+        for i in range(len(dataset)):
+            if len(patients) == n_images:
+                break
+            item = dataset[i]
+            if int(item[label_key]) == 1:
+                patients.append(item)
         self.images = torch.stack([torch.as_tensor(item[image_key]) for item in patients]).to(device)
         masks = [item.get(mask_key) for item in patients]
         self.masks = None if any(m is None for m in masks) else torch.stack([torch.as_tensor(m) for m in masks])
