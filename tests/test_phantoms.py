@@ -236,3 +236,32 @@ def test_3d_affine_is_the_mni_grid(phantoms):
     spacing = brain.FOV_SIZE / np.array(SMALL["brain_tumour"]["shape"])
     np.testing.assert_allclose(np.diag(image.affine)[:3], spacing)
     np.testing.assert_allclose(image.affine[:3, 3], brain.FOV_ORIGIN + spacing / 2)
+
+
+def test_sites_give_each_class_its_own_scanner():
+    """Controls and patients acquired at different sites: noise and bias follow the class only."""
+    sites = [{"noise_std": 0.01, "bias_strength": 0.0}, {"noise_std": 0.05, "bias_strength": 0.3}]
+    params = {**GENERATORS["brain_tumour"].defaults, "spatial_dims": 2, "shape": [64, 80], "sites": sites}
+    for label in (0, 1):
+        arrays, meta = brain.make_tumour_case(case_rng(3, label), params, label)
+        assert meta["label"] == label
+        # The same subject with a noise-free scanner at that site: the difference is the noise.
+        quiet = [{**site, "noise_std": 0.0} for site in sites]
+        clean, _ = brain.make_tumour_case(case_rng(3, label), {**params, "sites": quiet}, label)
+        noise = arrays["image"] - clean["image"]
+        noise = noise[noise != 0]  # the scanner adds noise inside the head only
+        assert abs(noise.std() - sites[label]["noise_std"]) < 0.2 * sites[label]["noise_std"], (label, noise.std())
+        if label:
+            # The patient's healthy counterpart is scanned at the same site, so the effect stays exact.
+            np.testing.assert_allclose(arrays["effect"], arrays["image"] - arrays["healthy"], atol=1e-6)
+            assert np.abs(arrays["effect"][arrays["mask"] == 0]).max() < np.abs(arrays["effect"]).max()
+    # No bias field at the control site: the noise-free control is the contrast image times the gain.
+    def quiet_control(bias_strength):
+        control_site = {"noise_std": 0.0, "bias_strength": bias_strength}
+        return brain.make_tumour_case(case_rng(3, 0), {**params, "sites": [control_site, sites[1]]}, 0)[0]
+
+    bias_free, biased = quiet_control(0.0), quiet_control(0.3)
+    inside = bias_free["image"] > 0.1
+    assert np.ptp(biased["image"][inside] / bias_free["image"][inside]) > 0.3
+    with pytest.raises(ValueError, match="unknown keys"):
+        brain.make_tumour_case(case_rng(3, 0), {**params, "sites": [{"contrast": "t1"}, {}]}, 0)

@@ -1,6 +1,29 @@
 """Networks of the five methods, 2D and 3D by ``spatial_dims``, built from MONAI blocks."""
 
+from common.networks.icam import (
+    AttributeClassifier,
+    AttributeEncoder,
+    ContentDiscriminator,
+    ContentEncoder,
+    DomainDiscriminator,
+    Generator,
+    reparameterize,
+)
 from common.networks.patchgan import PatchGANClassifier
 from common.networks.vagan import Classifier, CounterfactualMaps, Critic, EffectMap, MapGenerator
 
-__all__ = ["Classifier", "CounterfactualMaps", "Critic", "PatchGANClassifier", "EffectMap", "MapGenerator"]
+__all__ = [
+    "Classifier",
+    "CounterfactualMaps",
+    "Critic",
+    "PatchGANClassifier",
+    "EffectMap",
+    "MapGenerator",
+    "AttributeClassifier",
+    "AttributeEncoder",
+    "ContentDiscriminator",
+    "ContentEncoder",
+    "DomainDiscriminator",
+    "Generator",
+    "reparameterize",
+]

@@ -101,6 +101,7 @@ _BASE = {
     "gain_range": [0.9, 1.1],
     "noise_std": 0.02,
     "patient_fraction": 0.5,
+    "sites": None,
 }
 
 PHANTOM_DEFAULTS = {
@@ -455,7 +456,29 @@ def _slice_height(rng, params) -> float | None:
     return float(params["slice_z"] + rng.uniform(-params["slice_jitter"], params["slice_jitter"]))
 
 
+def site_params(params: dict, label: int) -> dict:
+    """The acquisition parameters of the site that scanned a subject of class ``label``.
+
+    ``sites`` (default None: one site for everyone) is a list with one dict per class of overrides
+    of the scanner model (``bias_strength``, ``gain_range``, ``noise_std``). It mimics data sets in
+    which controls and patients come from different sources, as in the attribution-constraint
+    paper (healthy: MPI, kirby21, IBC, bias-corrected; tumours: BraTS, not bias-corrected), which
+    gives an unconstrained classifier an acquisition shortcut besides the lesion.
+    """
+    sites = params.get("sites")
+    if not sites:
+        return params
+    allowed = {"bias_strength", "gain_range", "noise_std"}
+    site = sites[int(label)]
+    unknown = set(site) - allowed
+    if unknown:
+        raise ValueError(f"sites[{label}] has unknown keys {sorted(unknown)}; expected some of {sorted(allowed)}")
+    return {**params, **site}
+
+
 def _finish(rng, params, spacing, maps, healthy_anatomy, diseased_anatomy, mask, label, fields, affine, extra=None):
+    # The patient's healthy counterpart is acquired at the patient's site, so the effect stays exact.
+    params = site_params(params, label)
     state = scanner_state(rng, healthy_anatomy.shape, spacing, params)
     healthy = acquire(healthy_anatomy, state, params, maps["brain"])
     diseased = acquire(diseased_anatomy, state, params, maps["brain"]) if label else healthy
