@@ -2,6 +2,14 @@
 
 from common.engines.batches import PrepareKeys, attach_resume, latest_checkpoint
 from common.engines.constrained import ConstrainedClassifierTrainer
+from common.engines.icam import (
+    FeatureAttribution,
+    ICAMTrainer,
+    RejectionSamplingError,
+    feature_attribution,
+    is_content_discriminator_iteration,
+    sample_attribute,
+)
 from common.engines.vagan import VAGANTrainer, critic_steps_for, gradient_penalty
 
 __all__ = [
@@ -10,6 +18,12 @@ __all__ = [
     "attach_resume",
     "latest_checkpoint",
     "VAGANTrainer",
+    "FeatureAttribution",
+    "ICAMTrainer",
+    "RejectionSamplingError",
+    "feature_attribution",
+    "is_content_discriminator_iteration",
+    "sample_attribute",
     "critic_steps_for",
     "gradient_penalty",
 ]

@@ -1,5 +1,6 @@
 """Losses that need more than (prediction, target): attribution constraints, adversarial terms."""
 
 from common.losses.attribution_constraint import CONSTRAINT_MODES, AttributionConstraintLoss
+from common.losses.icam import ICAMLossWeights
 
-__all__ = ["CONSTRAINT_MODES", "AttributionConstraintLoss"]
+__all__ = ["CONSTRAINT_MODES", "AttributionConstraintLoss", "ICAMLossWeights"]
