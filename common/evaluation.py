@@ -222,7 +222,7 @@ class AttributionReport:
                     continue
                 cell = f"{r[key]:.3f}" if r[f"{key}_sd"] is None else f"{r[key]:.3f} +/- {r[f'{key}_sd']:.3f}"
                 if r[f"{key}_paper"] is not None:
-                    cell += f" (paper {r[f'{key}_paper']:.2f})"
+                    cell += f" (paper {_paper_figure(r[f'{key}_paper'])})"
                 cells.append(cell)
             cells.append("" if r["n"] is None else str(r["n"]))
             lines.append("| " + " | ".join(cells) + " |")
@@ -254,6 +254,12 @@ class AttributionReport:
         fig.savefig(tmp, dpi=60)
         plt.close(fig)
         os.replace(tmp, self.output_dir / "examples.png")
+
+
+def _paper_figure(value: float) -> str:
+    """A paper's figure as it printed it: two decimals, three when it has them (ICAM's NCC 0.435)."""
+    text = f"{value:.3f}"
+    return text[:-1] if text.endswith("0") else text
 
 
 def _atomic_write(path: Path, text: str) -> None:

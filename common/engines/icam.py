@@ -168,6 +168,7 @@ def feature_attribution(
     max_draws: int = 10_000,
     rng: torch.Generator | None = None,
     chunk_size: int = 8,
+    target_class: int | Sequence[int] | torch.Tensor | None = None,
 ) -> FeatureAttribution:
     """ICAM's test-time FA maps (A.2, Fig. 6): translate each image of ``x`` to the class opposite its prediction.
 
@@ -176,6 +177,8 @@ def feature_attribution(
     the code's 0.9 and 50 samples) and decoded with the image's own content; FA map = translated - x.
     Returns maps of ``x``'s shape: the mean and the (population) variance over the samples, and the first
     translation. ``chunk_size`` bounds how many translations go through the generator at once (3D volumes).
+    ``target_class`` (one class for all images, or one per image) fixes the class translated to instead, as
+    the NCC(-) / NCC(+) evaluation does (patients to 0, controls to 1, whatever the prediction).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples={n_samples}; expected at least 1")
@@ -183,7 +186,10 @@ def feature_attribution(
     with _eval_mode(content_encoder, attribute_encoder, generator, classifier), torch.no_grad():
         content = content_encoder(x)
         mu, _ = attribute_encoder(x)
-        opposite = (classifier(mu).view(-1) <= 0).long()  # predicted 0 (logit <= 0) -> translate to 1
+        if target_class is None:
+            opposite = (classifier(mu).view(-1) <= 0).long()  # predicted 0 (logit <= 0) -> translate to 1
+        else:
+            opposite = torch.as_tensor(target_class, dtype=torch.long).view(-1).expand(x.shape[0])
         for i in range(x.shape[0]):
             z = sample_attribute(classifier, (n_samples, *mu.shape[1:]), int(opposite[i]), threshold, max_draws, rng)
             image = x[i : i + 1]
