@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from common.data import load_datalist
 from common.losses import ICAMLossWeights
 from tests import bundle_runner
 from tests.bundle_runner import LPS, REPO
@@ -141,6 +142,42 @@ def test_evaluate_reports_icam_and_every_baseline(trained):
     table = (root / "bundle" / "eval" / "metrics.md").read_text()
     assert "| occlusion |" in table and "(paper 0.435)" in table
     assert (root / "bundle" / "eval" / "examples.png").stat().st_size > 1000
+
+
+def test_latent_space_embedding_and_interpolation(trained):
+    root, common, _, _ = trained
+    steps = 5
+    run_bundle(["train.json", "latent.json"], *common, ("interpolation_steps", steps))
+    out = root / "bundle" / "eval"
+    for name in ("latent_embedding.png", "latent_interpolation.png"):
+        assert 1000 < (out / name).stat().st_size < 300_000, name
+    # One row per test image, in the datalist's order, with its label; PCA coordinates are centred.
+    items = load_datalist(root / "data" / "datalist.json", "test")
+    rows = list(csv.DictReader((out / "latent_embedding.csv").open()))
+    assert [int(r["label"]) for r in rows] == [int(item["label"]) for item in items]
+    assert [r["file"] for r in rows] == [str(item["image"]) for item in items]
+    xy = np.array([[float(r["x"]), float(r["y"])] for r in rows])
+    assert np.isfinite(xy).all() and xy.std() > 0
+    np.testing.assert_allclose(xy.mean(0), 0.0, atol=1e-5)
+    p_image = [float(r["probability"]) for r in rows]
+    # Interpolation: the first control and the first patient, `steps` latents per strip.
+    strips = {}
+    for r in csv.DictReader((out / "latent_interpolation.csv").open()):
+        strips.setdefault(r["strip"], []).append(r)
+    assert set(strips) == {"between", "within"}
+    labels = [int(r["label"]) for r in rows]
+    control, patient = labels.index(0), labels.index(1)
+    for kind, strip in strips.items():
+        assert [int(r["step"]) for r in strip] == list(range(steps)), kind  # the number of panels
+        assert {(int(r["control"]), int(r["patient"])) for r in strip} == {(control, patient)}, kind
+        p = np.array([float(r["probability"]) for r in strip])
+        # The classifier is linear in the latent, so p(class 1) is monotone along a straight line.
+        assert np.all(np.diff(p) * np.sign(p[-1] - p[0]) >= -1e-6), (kind, p)
+    between = np.array([float(r["probability"]) for r in strips["between"]])
+    # The between-class line runs from the control's attribute mean to the patient's.
+    np.testing.assert_allclose(between[[0, -1]], [p_image[control], p_image[patient]], atol=2e-6)
+    if p_image[patient] > p_image[control] + 1e-4:  # the tiny model separates this pair
+        assert between[-1] > between[0]
 
 
 def test_resume_continues_from_the_latest_checkpoint(trained):

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from common.engines import RejectionSamplingError, feature_attribution
-from common.errors import DatalistError
-from common.icam_maps import ICAMFeatureMaps, ICAMImageClassifier, patient_items
+from common.errors import DatalistError, InputError
+from common.icam_maps import (
+    ICAMFeatureMaps,
+    ICAMImageClassifier,
+    decode_latent_path,
+    embed_2d,
+    interpolate_latents,
+    interpolation_pairs,
+    patient_items,
+)
 from common.networks import AttributeClassifier, AttributeEncoder, ContentEncoder, Generator
 
 SIZE = (32, 32)
@@ -76,3 +84,27 @@ def test_patient_items_need_the_pair_and_the_ground_truth(tmp_path):
     datalist.write_text(json.dumps({"test": [control, {"image": "a.nii.gz", "mask": "a.nii.gz", "label": 1}]}))
     with pytest.raises(DatalistError, match=r"missing key\(s\) \['healthy'\]"):
         patient_items(str(datalist), "test")
+
+
+def test_latent_tools_embed_interpolate_and_check_pairs():
+    features = np.random.default_rng(0).normal(size=(6, 1, 2, 2))
+    for method in ("pca", "tsne"):
+        assert embed_2d(features, method).shape == (6, 2)
+    with pytest.raises(ValueError, match="embedding_method"):
+        embed_2d(features, "umap")
+    start, end = torch.zeros(1, 2, 2), torch.ones(1, 2, 2)
+    line = interpolate_latents(start, end, 5)
+    assert line.shape == (5, 1, 2, 2) and torch.equal(line[0], start) and torch.equal(line[-1], end)
+    torch.testing.assert_close(line[:, 0, 0, 0], torch.linspace(0, 1, 5))
+    nets = _networks(bias=0.0)
+    x = torch.rand(1, 1, *SIZE) * 2 - 1
+    path = decode_latent_path(nets[0], nets[2], nets[3], x, line)
+    assert path.decoded.shape == (5, 1, *SIZE)
+    torch.testing.assert_close(path.fa_maps, path.decoded - x)
+    torch.testing.assert_close(path.probabilities, torch.sigmoid(nets[3](line).view(-1)))
+    assert interpolation_pairs([1, 0, 1, 0]) == [(1, 0)]  # (first control, first patient)
+    assert interpolation_pairs([1, 0, 1, 0], [[3, 2]]) == [(3, 2)]
+    with pytest.raises(InputError, match="expected \\[control"):
+        interpolation_pairs([1, 0, 1, 0], [[0, 1]])  # patient first
+    with pytest.raises(InputError, match="classes 0 and 1"):
+        interpolation_pairs([1, 1])
