@@ -459,7 +459,7 @@ def _slice_height(rng, params) -> float | None:
 def site_params(params: dict, label: int) -> dict:
     """The acquisition parameters of the site that scanned a subject of class ``label``.
 
-    ``sites`` (default None: one site for everyone) is a list with one dict per class of overrides
+    ``sites`` (default None or an empty list: one site for everyone) is a list with one dict per class of overrides
     of the scanner model (``bias_strength``, ``gain_range``, ``noise_std``). It mimics data sets in
     which controls and patients come from different sources, as in the attribution-constraint
     paper (healthy: MPI, kirby21, IBC, bias-corrected; tumours: BraTS, not bias-corrected), which
