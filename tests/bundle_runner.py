@@ -24,3 +24,13 @@ def run_bundle(bundle: str, configs, *overrides, expect_ok: bool = True) -> subp
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def check_resume(bundle: str, root: Path, common, schedule) -> None:
+    """Training with ``--resume true`` and one more epoch continues from the latest checkpoint (epoch 2)."""
+    overrides = dict(schedule)
+    overrides["max_epochs"] = 3
+    proc = run_bundle(bundle, ["train.json"], *common, *overrides.items(), ("resume", True))
+    log = proc.stdout + proc.stderr
+    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log  # epochs 1-2 came from the checkpoint
+    assert (root / "bundle" / "models" / "checkpoint_epoch=3.pt").is_file()

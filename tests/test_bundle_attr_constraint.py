@@ -148,19 +148,25 @@ def test_3d_preset_inference_on_a_non_ras_volume(tmp_path):
     check_outputs(out, "volume", image)
 
 
-def test_inference_without_thresholds_says_what_to_do(tmp_path):
+def run_untrained_inference(tmp_path, *overrides):
+    """Inference with an untrained classifier (no thresholds file) on a small LPS scan; expected to fail."""
     models = tmp_path / "bundle" / "models"
     models.mkdir(parents=True)
     torch.save(PatchGANClassifier(spatial_dims=2).state_dict(), models / "model.pt")
     scan = tmp_path / "scan.nii.gz"
     write_scan(scan, (32, 40), LPS)
-    proc = run_bundle(
+    return run_bundle(
         ["inference.json"],
         ("bundle_root", str(tmp_path / "bundle")),
         ("input_image", str(scan)),
         ("output_dir", str(tmp_path / "out")),
+        *overrides,
         expect_ok=False,
     )
+
+
+def test_inference_without_thresholds_says_what_to_do(tmp_path):
+    proc = run_untrained_inference(tmp_path)
     assert proc.returncode != 0
     assert (
         "thresholds.json: no segmentation thresholds; run the bundle's evaluate.json first" in proc.stdout + proc.stderr
@@ -185,20 +191,7 @@ def test_ms_preset_trains(tmp_path):
 
 
 def test_expected_gradients_inference_without_references_says_what_to_do(tmp_path):
-    models = tmp_path / "bundle" / "models"
-    models.mkdir(parents=True)
-    torch.save(PatchGANClassifier(spatial_dims=2).state_dict(), models / "model.pt")
-    scan = tmp_path / "scan.nii.gz"
-    write_scan(scan, (32, 40), LPS)
-    proc = run_bundle(
-        ["inference.json"],
-        ("bundle_root", str(tmp_path / "bundle")),
-        ("input_image", str(scan)),
-        ("output_dir", str(tmp_path / "out")),
-        ("inference_method", "EG"),
-        ("segmentation_threshold", 0.0),
-        expect_ok=False,
-    )
+    proc = run_untrained_inference(tmp_path, ("inference_method", "EG"), ("segmentation_threshold", 0.0))
     assert proc.returncode != 0
     assert "expected gradients at inference need reference images: pass --eg_reference_datalist" in (
         proc.stdout + proc.stderr

@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 from common.data import load_datalist
 from common.losses import ICAMLossWeights
 from tests import bundle_runner
-from tests.bundle_runner import LPS, REPO
+from tests.bundle_runner import LPS, REPO, check_resume
 
 # Tiny 2D lesion slices: 32x32 pixels (attribute latent 2x2), 24 cases, so a run takes seconds.
 TINY = {"spatial_dims": 2, "shape": [32, 32], "n": 24}
@@ -182,12 +182,7 @@ def test_latent_space_embedding_and_interpolation(trained):
 
 def test_resume_continues_from_the_latest_checkpoint(trained):
     root, common, schedule, _ = trained
-    overrides = dict(schedule)
-    overrides["max_epochs"] = 3
-    proc = run_bundle(["train.json"], *common, *overrides.items(), ("resume", True))
-    log = proc.stdout + proc.stderr
-    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log  # epochs 1-2 came from the checkpoint
-    assert (root / "bundle" / "models" / "checkpoint_epoch=3.pt").is_file()
+    check_resume("icam", root, common, schedule)
 
 
 def test_3d_preset_trains_and_infers_in_the_input_space(tmp_path):

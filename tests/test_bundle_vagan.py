@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests import bundle_runner
-from tests.bundle_runner import LPS
+from tests.bundle_runner import LPS, check_resume
 
 # Tiny boxes: 32x32 images with 6-pixel squares, so a few iterations run in seconds.
 TINY_BOXES = {"n": 48, "shape": [32, 32], "box": 6, "offset": 9, "jitter": 1}
@@ -98,12 +98,7 @@ def test_evaluate_reports_every_method(trained):
 
 def test_resume_continues_from_the_latest_checkpoint(trained):
     root, common, schedule, _ = trained
-    overrides = dict(schedule)
-    overrides["max_epochs"] = 3
-    proc = run_bundle(["train.json"], *common, *overrides.items(), ("resume", True))
-    log = proc.stdout + proc.stderr
-    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log  # epochs 1-2 came from the checkpoint
-    assert (root / "bundle" / "models" / "checkpoint_epoch=3.pt").is_file()
+    check_resume("vagan", root, common, schedule)
 
 
 def test_3d_preset_trains_and_infers_in_the_input_space(tmp_path):
