@@ -146,8 +146,10 @@ class AttributionReport:
         n_examples: int = 4,
         title: str = "Attribution quality",
         sources: Sequence = (),
+        prefix: str = "",
     ):
         self.output_dir = Path(output_dir)
+        self.prefix = prefix  # e.g. "classification_": several reports in one output_dir
         self.columns = {
             method: dict(names) if isinstance(names, Mapping) else {metric_label: names}
             for method, names in metric_names.items()
@@ -209,7 +211,7 @@ class AttributionReport:
     def _write(self, engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results = self.summary(engine)
-        _atomic_write(self.output_dir / "metrics.json", json.dumps(results, indent=2))
+        _atomic_write(self.output_dir / f"{self.prefix}metrics.json", json.dumps(results, indent=2))
         labels = list(dict.fromkeys(c for columns in self.columns.values() for c in columns))
         header = ["method", *labels, "cases"]
         lines = [f"### {self.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -226,7 +228,7 @@ class AttributionReport:
                 cells.append(cell)
             cells.append("" if r["n"] is None else str(r["n"]))
             lines.append("| " + " | ".join(cells) + " |")
-        _atomic_write(self.output_dir / "metrics.md", "\n".join(lines) + "\n")
+        _atomic_write(self.output_dir / f"{self.prefix}metrics.md", "\n".join(lines) + "\n")
         self._figure(results)
 
     def _figure(self, results: dict) -> None:
@@ -250,10 +252,10 @@ class AttributionReport:
                     score = None if first is None else results[name][first.lower()]
                     ax.set_title(name if score is None else f"{name}\n{first} {score:.2f}", fontsize=8)
         fig.tight_layout()
-        tmp = self.output_dir / ".examples.partial.png"
+        tmp = self.output_dir / f".{self.prefix}examples.partial.png"
         fig.savefig(tmp, dpi=60)
         plt.close(fig)
-        os.replace(tmp, self.output_dir / "examples.png")
+        os.replace(tmp, self.output_dir / f"{self.prefix}examples.png")
 
 
 def _paper_figure(value: float) -> str:

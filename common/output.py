@@ -125,19 +125,28 @@ class SaveMapd(MapTransform):
     metadata, i.e. the input's own after ``Invertd``.
     """
 
-    def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike, image_key: str = "image", dtype=np.float32):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        image_key: str = "image",
+        dtype=np.float32,
+        subdir_key: str | None = None,
+    ):
         super().__init__(keys)
         self.output_dir = Path(output_dir)
         self.image_key = image_key
+        self.subdir_key = subdir_key  # an item field naming a sub-folder of output_dir (keeps input folders apart)
         self.saver = SaveImage(output_ext=NIFTI_EXT, output_dtype=dtype, resample=False, print_log=False)
 
     def __call__(self, data):
         d = dict(data)
         stem = input_stem(d[self.image_key])
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = self.output_dir / str(d[self.subdir_key]) if self.subdir_key else self.output_dir
+        output_dir.mkdir(parents=True, exist_ok=True)
         for key in self.key_iterator(d):
-            final = self.output_dir / f"{stem}_{key}{NIFTI_EXT}"
-            partial = self.output_dir / f".{stem}_{key}.partial"
+            final = output_dir / f"{stem}_{key}{NIFTI_EXT}"
+            partial = output_dir / f".{stem}_{key}.partial"
             try:
                 self.saver(d[key], filename=str(partial))
                 os.replace(f"{partial}{NIFTI_EXT}", final)

@@ -1,6 +1,13 @@
 """Data contract, synthetic data sets and MONAI transform helpers shared by the bundles."""
 
-from common.data.datalist import SPLITS, image_file_problem, load_datalist, read_datalist_json, write_datalist
+from common.data.datalist import (
+    SPLITS,
+    image_file_problem,
+    load_datalist,
+    load_resplit,
+    read_datalist_json,
+    write_datalist,
+)
 from common.data.inputs import inference_items
 
 
@@ -18,6 +25,7 @@ __all__ = [
     "image_file_problem",
     "inference_items",
     "load_datalist",
+    "load_resplit",
     "read_datalist_json",
     "write_datalist",
 ]

@@ -20,6 +20,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from common.data.synthetic._common import stratified_splits
 from common.errors import DatalistError
 
 SPLITS = ("training", "validation", "test")
@@ -144,3 +147,32 @@ def write_datalist(path: str | os.PathLike, splits: dict[str, list[dict]]) -> No
     with open(tmp, "w") as f:
         json.dump(splits, f, indent=1)
     os.replace(tmp, path)
+
+
+def load_resplit(
+    datalist: str | os.PathLike,
+    split: str = "training",
+    seed: int | None = None,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    **load_kwargs,
+) -> list[dict]:
+    """One split of the datalist's items re-drawn by ``seed``, stratified by label.
+
+    The papers that report "three runs with different splits and initialisations" (ACAT: 70/15/15)
+    need splits that change with the run's seed; every item of every split is pooled (in datalist
+    order, so the same seed always gives the same split) and divided by ``fractions`` (training,
+    validation, test). ``seed=None`` keeps the datalist's own splits.
+    """
+    if split not in SPLITS:
+        raise DatalistError(f"{datalist}: cannot re-split into '{split}'; expected one of {list(SPLITS)}")
+    if seed is None:
+        return load_datalist(datalist, split, **load_kwargs)
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions {list(fractions)}: expected three positive numbers summing to 1")
+    content = read_datalist_json(datalist)
+    items = [item for name in SPLITS if content.get(name) for item in load_datalist(datalist, name, **load_kwargs)]
+    labels = np.array([item.get("label", 0) for item in items])
+    test_fraction = fractions[2]
+    val_fraction = fractions[1] / (fractions[0] + fractions[1])
+    chosen = dict(zip(SPLITS, stratified_splits(labels, seed, test_fraction, val_fraction)))[split]
+    return [items[i] for i in chosen]

@@ -19,10 +19,12 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    Flipd,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandomizableTransform,
     Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityd,
@@ -187,3 +189,45 @@ def image_transforms(
     if keep is not None:
         steps.append(SelectItemsd([*all_keys, *keep]))
     return Compose(steps)
+
+
+class RandHemisphereFlipd(RandomizableTransform, MapTransform):
+    """Mirror left and right (the first, RAS ``R`` axis) and swap the side-specific labels.
+
+    A brain mirrored at the midline is still a brain, but a left lesion becomes a right one: with
+    ACAT's classes (0 none, 1 left, 2 right, 3 both) the flip swaps labels 1 and 2. A plain
+    ``RandFlipd`` would teach the classifier that the side does not matter.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        swap: Sequence[Sequence[int]] = ((1, 2),),
+        prob: float = 0.5,
+        allow_missing_keys: bool = False,
+    ):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.flip = Flipd(keys, spatial_axis=0, allow_missing_keys=allow_missing_keys)
+        self.label_key = label_key
+        self.mapping = {}
+        for a, b in swap:
+            self.mapping[int(a)], self.mapping[int(b)] = int(b), int(a)
+
+    def __call__(self, data):
+        self.randomize(None)
+        if not self._do_transform:
+            return data
+        d = self.flip(dict(data))
+        if self.label_key in d:
+            label = d[self.label_key]
+            value = int(label.item() if isinstance(label, (torch.Tensor, np.ndarray)) else label)
+            swapped = self.mapping.get(value, value)
+            if isinstance(label, torch.Tensor):  # keep its type (MetaTensor or not): batches must collate
+                label = label.clone()
+                label.fill_(swapped)
+                d[self.label_key] = label
+            else:
+                d[self.label_key] = type(label)(swapped)
+        return d

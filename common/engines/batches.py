@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from monai.utils import convert_to_tensor
 
 
@@ -9,17 +11,25 @@ class PrepareKeys:
     """``prepare_batch`` returning ``(batch[image_key], batch[target_key])`` on the device.
 
     E.g. VA-GAN's validation compares the predicted map with the ``effect`` map, not the label.
+    With ``extra_keys`` it returns MONAI's 4-tuple ``(inputs, targets, args, kwargs)``, so the
+    network is called as ``network(image, *extras)`` (ACAT: the image and its saliency map).
     """
 
-    def __init__(self, image_key: str = "image", target_key: str = "label"):
+    def __init__(self, image_key: str = "image", target_key: str = "label", extra_keys: Sequence[str] = ()):
         self.image_key = image_key
         self.target_key = target_key
+        self.extra_keys = tuple(extra_keys)
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-        return tuple(
-            convert_to_tensor(batchdata[key], track_meta=False).to(device=device, non_blocking=non_blocking, **kwargs)
-            for key in (self.image_key, self.target_key)
-        )
+        def get(key):
+            return convert_to_tensor(batchdata[key], track_meta=False).to(
+                device=device, non_blocking=non_blocking, **kwargs
+            )
+
+        image, target = get(self.image_key), get(self.target_key)
+        if not self.extra_keys:
+            return image, target
+        return image, target, tuple(get(key) for key in self.extra_keys), {}
 
 
 def latest_checkpoint(ckpt_dir: str) -> str:

@@ -185,14 +185,20 @@ class TopPDice(_Handler):
 class ClassificationRate(_Handler):
     """Image-level ``accuracy``, ``tpr``, ``tnr`` or ``balanced_accuracy`` over all images seen.
 
-    ``output_transform`` returns (predicted labels, true labels).
+    ``output_transform`` returns (predicted labels, true labels). ``positive`` is the class counted
+    as positive (one-vs-rest: a class's sensitivity is its ``tpr``, its specificity its ``tnr``);
+    ``positive=None`` with ``rate="accuracy"`` is the accuracy over all classes.
     """
 
-    def __init__(self, rate: str = "accuracy", positive: int = 1, output_transform: Callable = IDENTITY):
+    def __init__(self, rate: str = "accuracy", positive: int | None = 1, output_transform: Callable = IDENTITY):
         if rate not in ("accuracy", "tpr", "tnr", "balanced_accuracy"):
             raise ValueError(f"rate '{rate}' is unknown; expected accuracy, tpr, tnr or balanced_accuracy")
+        if positive is None and rate != "accuracy":
+            raise ValueError(f"rate '{rate}' needs a positive class; only accuracy is defined over all classes")
 
         def fn(y_true, y_pred):
+            if positive is None:
+                return metrics.accuracy(y_true, y_pred)
             return metrics.classification_rates(y_true, y_pred, positive=positive)[rate]
 
         super().__init__(fn, True, output_transform, False)

@@ -1,5 +1,6 @@
 """Networks of the five methods, 2D and 3D by ``spatial_dims``, built from MONAI blocks."""
 
+from common.networks.acat import ACATClassifier, SliceAutoencoder, SliceClassifier, SliceCNN
 from common.networks.icam import (
     AttributeClassifier,
     AttributeEncoder,
@@ -13,6 +14,10 @@ from common.networks.patchgan import PatchGANClassifier
 from common.networks.vagan import Classifier, CounterfactualMaps, Critic, EffectMap, MapGenerator
 
 __all__ = [
+    "ACATClassifier",
+    "SliceAutoencoder",
+    "SliceClassifier",
+    "SliceCNN",
     "Classifier",
     "CounterfactualMaps",
     "Critic",
