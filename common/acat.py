@@ -26,6 +26,7 @@ from torch import nn
 from common.attribution import attribute
 from common.attribution.counterfactual import (
     counterfactual_saliency,
+    inside_window,
     latent_shift_saliency,
     normalise_per_sample,
     slice_grad_cam,
@@ -42,6 +43,9 @@ class SaliencyMaps(nn.Module):
     ``counterfactual`` (paper Eq. 3-4) and ``latent_shift`` (Cohen et al.) also need the
     ``autoencoder``; ``gradient`` and ``grad_cam`` explain the class the classifier predicts.
     Every map is non-negative and normalised to [0, 1] per volume, as ACAT's saliency input is.
+    ``tissue_only``: every method's map is zero outside the intensity window (air and bone of a
+    windowed CT, see :func:`common.attribution.counterfactual.inside_window`), where no lesion can
+    be and where the counterfactual differences otherwise peak on the skull's edges.
     Gradients are switched on inside ``forward`` because MONAI evaluators run networks under
     ``torch.no_grad``.
     """
@@ -55,6 +59,7 @@ class SaliencyMaps(nn.Module):
         steps: int = 20,
         step_size: float = 0.1,
         targets: Sequence[int] | None = None,
+        tissue_only: bool = True,
     ):
         super().__init__()
         if method not in SALIENCY_METHODS:
@@ -64,6 +69,7 @@ class SaliencyMaps(nn.Module):
         self.classifier = classifier
         self.autoencoder = autoencoder
         self.method = method
+        self.tissue_only = tissue_only
         self.counterfactual_kwargs = {
             "alpha": alpha,
             "steps": steps,
@@ -82,18 +88,22 @@ class SaliencyMaps(nn.Module):
         self.classifier.eval()
         if self.autoencoder is not None:
             self.autoencoder.eval()
+        region = inside_window(volume) if self.tissue_only else None
         with torch.enable_grad():
             if self.method == "counterfactual":
-                return counterfactual_saliency(self.classifier, self.autoencoder, volume, **self.counterfactual_kwargs)
+                return counterfactual_saliency(
+                    self.classifier, self.autoencoder, volume, region=region, **self.counterfactual_kwargs
+                )
             if self.method == "latent_shift":
-                return latent_shift_saliency(self.classifier, self.autoencoder, volume)
+                return latent_shift_saliency(self.classifier, self.autoencoder, volume, region=region)
             with torch.no_grad():
                 predicted = self.classifier(volume).argmax(dim=1)
             if self.method == "gradient":
                 raw = attribute(self.classifier, volume, "gradient", target_class=predicted).abs()
             else:
                 raw = slice_grad_cam(self.classifier, volume, predicted)
-        return normalise_per_sample(raw.detach())
+        raw = raw.detach()
+        return normalise_per_sample(raw if region is None else raw * region)
 
 
 def acat_from_baseline(acat: nn.Module, baseline: nn.Module, checkpoint: str, device=None) -> nn.Module:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.attribution.baselines import ClassScore
-from common.networks.acat import ACATClassifier, SliceClassifier
+from common.networks.acat import ACATClassifier, SliceClassifier, slices_to_volume, volume_to_slices
 
 # Negative shifts (lower p_c), sorted by size so that among equally good shifts the smallest wins.
 DEFAULT_LAMBDAS = (-1.0, -3.0, -10.0, -30.0, -100.0, -300.0)
@@ -58,6 +58,28 @@ def normalise_per_sample(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 0, maps / torch.where(peak > 0, peak, torch.ones_like(peak)), torch.zeros_like(maps))
 
 
+def _within(maps: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    return maps if region is None else maps * region.to(maps.dtype)
+
+
+def inside_window(volume: torch.Tensor, low: float = -1.0, high: float = 1.0, margin: int = 2) -> torch.Tensor:
+    """1 where the (windowed, scaled) volume lies inside its intensity window, ``margin`` voxels
+    in-plane away from any voxel at or beyond its limits; else 0. Volume (B, C, X, Y, S).
+
+    A CT volume windowed to the brain (e.g. 0-80 HU -> [-1, 1], clipped) sits at the limits in air
+    and bone, which cannot hold a lesion, and the voxels next to them mix tissue with air or bone.
+    These sharp edges change most when a decoder's latent moves: without the margin the
+    counterfactual maps peaked one voxel inside the window's edge in every case we looked at.
+    """
+    inside = ((volume > low) & (volume < high)).to(volume.dtype)
+    if margin <= 0:
+        return inside
+    slices = volume_to_slices(inside)
+    # erosion of the in-plane mask: a voxel stays if no outside voxel lies within `margin`
+    outside = F.max_pool2d(1.0 - slices, kernel_size=2 * margin + 1, stride=1, padding=margin)
+    return slices_to_volume(1.0 - outside, volume.shape[0])
+
+
 def _class_index(target: int | torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     index = torch.as_tensor(target, device=device, dtype=torch.long).reshape(-1)
     return index.expand(batch_size) if index.numel() == 1 else index
@@ -73,6 +95,7 @@ def counterfactual_saliency(
     step_size: float = 0.1,
     optimizer: str = "sgd",
     return_details: bool = False,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ACAT's counterfactual saliency map (B, C, X, Y, S) in [0, 1].
 
@@ -107,6 +130,8 @@ def counterfactual_saliency(
         step_size: learning rate (the authors' code: 0.1 with plain gradient descent). Adam's steps
             are ~``step_size`` per element whatever the gradient scale, so use a smaller one with it.
         optimizer: ``"sgd"`` (plain gradient descent, the paper) or ``"adam"``.
+        region: where a map may be non-zero (volume-shaped, 0/1), applied before each target's
+            normalisation; e.g. the tissue inside the CT window (see :func:`inside_window`).
         return_details: also return a dict with ``targets`` (T,), ``initial_probabilities`` and
             ``probabilities`` (B, T) of each target before and after the search, ``latent_l1``
             (B, T) the mean |z' - z0|, and ``maps`` (B, T, C, X, Y, S) the normalised per-target maps.
@@ -137,7 +162,7 @@ def counterfactual_saliency(
                 counterfactual = autoencoder.decode(z)
                 final.append(scorer(counterfactual).softmax(dim=1)[:, t])
                 distance.append((z - z0).abs().flatten(1).mean(dim=1))
-                maps.append(normalise_per_sample((reconstruction - counterfactual).abs()))
+                maps.append(normalise_per_sample(_within((reconstruction - counterfactual).abs(), region)))
     per_target = torch.stack(maps, dim=1)
     saliency = per_target.mean(dim=1)
     if not return_details:
@@ -160,6 +185,7 @@ def latent_shift_saliency(
     target_class: int | torch.Tensor | None = None,
     drop: float | None = None,
     return_details: bool = False,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Latent-shift saliency (Cohen et al. 2021) (B, C, X, Y, S) in [0, 1].
 
@@ -174,6 +200,8 @@ def latent_shift_saliency(
     F); a wide grid makes that worse. ``drop`` (Cohen et al.'s search stopped at a drop of 0.15)
     instead takes the first lambda of the grid lowering p_c by at least ``drop`` (the lowest p_c
     where none does).
+
+    ``region``: as for :func:`counterfactual_saliency`.
 
     ``return_details``: also a dict with ``target_class``, ``lambda``, ``probability`` (p_c of
     D(z0)) and ``shifted_probability`` (p_c of D(z_lambda)), each (B,).
@@ -209,7 +237,7 @@ def latent_shift_saliency(
                 enough = p_grid <= (p_c.detach() - drop)[:, None]
                 best = torch.where(enough.any(dim=1), enough.float().argmax(dim=1), best)
             chosen = torch.stack(shifted, dim=1)[rows, best]
-    saliency = normalise_per_sample((reconstruction - chosen).abs())
+    saliency = normalise_per_sample(_within((reconstruction - chosen).abs(), region))
     if not return_details:
         return saliency
     details = {

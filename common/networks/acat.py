@@ -258,34 +258,40 @@ class SliceAutoencoder(nn.Module):
     to the image's channels through tanh, since images are scaled to [-1, 1].
     """
 
-    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64)):
+    def __init__(
+        self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64), strides: Sequence[int] = (2, 2, 2)
+    ):
         super().__init__()
-        if len(channels) != 3:
-            raise ValueError(f"channels={tuple(channels)}: the autoencoder has 3 blocks each way")
-        self.divisor = 2 ** len(channels)
+        if len(channels) != 3 or len(strides) != 3:
+            raise ValueError(
+                f"channels={tuple(channels)}, strides={tuple(strides)}: the autoencoder has 3 blocks each way"
+            )
+        self.divisor = int(torch.prod(torch.tensor(list(strides))))
         unit = dict(spatial_dims=2, kernel_size=3, act=Act.RELU, norm=Norm.BATCH)
         encoder: list[nn.Module] = []
         cin = in_channels
-        for i, cout in enumerate(channels):
-            encoder.append(ResidualUnit(in_channels=cin, out_channels=cout, strides=2, last_conv_only=i == 2, **unit))
+        for i, (cout, stride) in enumerate(zip(channels, strides)):
+            encoder.append(
+                ResidualUnit(in_channels=cin, out_channels=cout, strides=stride, last_conv_only=i == 2, **unit)
+            )
             cin = cout
         self.encoder = nn.Sequential(*encoder)
         decoder: list[nn.Module] = []
-        for cout in (*reversed(channels[:-1]), channels[0]):
-            decoder.append(
-                nn.Sequential(
-                    UpSample(
-                        2, cin, cin, scale_factor=2, mode="nontrainable", interp_mode="bilinear", align_corners=False
-                    ),
-                    ResidualUnit(in_channels=cin, out_channels=cout, strides=1, **unit),
+        for cout, stride in zip((*reversed(channels[:-1]), channels[0]), reversed(strides)):
+            up = (
+                UpSample(
+                    2, cin, cin, scale_factor=stride, mode="nontrainable", interp_mode="bilinear", align_corners=False
                 )
+                if stride > 1
+                else nn.Identity()
             )
+            decoder.append(nn.Sequential(up, ResidualUnit(in_channels=cin, out_channels=cout, strides=1, **unit)))
             cin = cout
         self.decoder = nn.Sequential(*decoder)
         self.output = Convolution(2, cin, in_channels, kernel_size=3, act=Act.TANH, norm=None)
 
     def encode(self, volume: torch.Tensor) -> torch.Tensor:
-        """(B, C, X, Y, S) -> latent (B, S, channels[-1], X/8, Y/8)."""
+        """(B, C, X, Y, S) -> latent (B, S, channels[-1], X/d, Y/d), d the product of the strides."""
         if any(size % self.divisor for size in volume.shape[2:4]):
             raise ValueError(f"slice size {tuple(volume.shape[2:4])} must be divisible by {self.divisor}")
         z = self.encoder(volume_to_slices(volume))
