@@ -39,7 +39,8 @@ def _rows(runs: list[Path], file: str, column: str, paper: dict) -> list[str]:
         per_run = ", ".join(f"{v:.3f}" for v in values)
         n = results[0][method].get("n")
         cases = "" if n is None else f" | {n}"
-        lines.append(f"| {method} | {mean:.3f} +/- {se:.3f} | {paper.get(method, float('nan')):.4f} | {per_run}{cases} |")
+        figure = paper.get(method, float("nan"))
+        lines.append(f"| {method} | {mean:.3f} +/- {se:.3f} | {figure:.4f} | {per_run}{cases} |")
     return lines
 
 
