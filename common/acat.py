@@ -277,13 +277,14 @@ class ACATProbabilitiesd(MapTransform):
     ):
         super().__init__([image_key])
         self.network = network
+        self.image_key = image_key
         self.saliency_key = saliency_key
         self.output_key = output_key
 
     def __call__(self, data):
         d = dict(data)
         self.network.eval()
-        image = torch.as_tensor(d["image"]).as_subclass(torch.Tensor)[None]
+        image = torch.as_tensor(d[self.image_key]).as_subclass(torch.Tensor)[None]
         saliency = torch.as_tensor(d[self.saliency_key]).as_subclass(torch.Tensor)[None].to(image.device)
         with torch.no_grad():
             d[self.output_key] = torch.softmax(self.network(image, saliency), dim=1)[0]
