@@ -31,7 +31,7 @@ from common.attribution.counterfactual import (
     normalise_per_sample,
     slice_grad_cam,
 )
-from common.data import SPLITS, read_datalist_json, write_datalist
+from common.data import SPLITS, load_datalist, read_datalist_json, write_datalist
 from common.errors import InputError
 
 SALIENCY_METHODS = ("counterfactual", "latent_shift", "gradient", "grad_cam")
@@ -119,17 +119,16 @@ def acat_from_baseline(acat: nn.Module, baseline: nn.Module, checkpoint: str, de
     return acat.to(device) if device is not None else acat
 
 
-def all_items(datalist: str, dataset_dir: str | None, num_classes: int, load=None) -> list[dict]:
+def all_items(datalist: str, dataset_dir: str | None, num_classes: int) -> list[dict]:
     """Every item of every split, each tagged with ``split`` and ``index`` (its place in the datalist)."""
-    from common.data import load_datalist
-
-    load = load or load_datalist
     content = read_datalist_json(datalist)
     items = []
     for split in SPLITS:
         if not content.get(split):
             continue
-        for index, item in enumerate(load(datalist, split, dataset_dir=dataset_dir, allowed_labels=range(num_classes))):
+        for index, item in enumerate(
+            load_datalist(datalist, split, dataset_dir=dataset_dir, allowed_labels=range(num_classes))
+        ):
             items.append(
                 {
                     **item,
