@@ -61,6 +61,27 @@ def test_hemisphere_flip_mirrors_the_image_and_swaps_left_and_right():
     assert unchanged["label"] == 1 and torch.equal(torch.as_tensor(unchanged["image"]), image)
 
 
+def test_training_augmentation_moves_the_saliency_map_with_the_image():
+    """The spatial transforms must move the map with the image, and only the image gets noise."""
+    image = torch.linspace(-1, 1, 32 * 32 * 3).reshape(1, 32, 32, 3).roll(5, dims=1)
+    transforms = acat.training_augmentation(map_keys=["saliency"], hemisphere_flip=0.5)
+    for i, transform in enumerate(transforms):
+        transform.set_random_state(seed=i)
+    changed, labels = 0, set()
+    for _ in range(20):
+        data = {"image": image.clone(), "saliency": (image.clone() + 1) / 2, "label": torch.tensor(1)}
+        for transform in transforms:
+            data = transform(data)
+        moved = (data["saliency"] * 2 - 1).flatten()
+        changed += not torch.allclose(moved, image.flatten(), atol=1e-3)
+        assert data["image"].shape == data["saliency"].shape == image.shape
+        # same geometry: the image differs from the moved map only by noise and an intensity change
+        assert np.corrcoef(data["image"].flatten().numpy(), moved.numpy())[0, 1] > 0.95
+        assert float(data["saliency"].min()) >= -1e-6  # the map is never shifted or scaled
+        labels.add(int(data["label"]))
+    assert changed > 5 and labels == {1, 2}  # both flipped and unflipped, so left/right labels swapped
+
+
 def test_balanced_class_weights_match_the_inverse_frequency():
     items = [{"label": k} for k in [0] * 8 + [1] * 4 + [3] * 4]
     weights = balanced_class_weights(items, 4)

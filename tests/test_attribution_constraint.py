@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from common.engines import epoch_lr_scheduler
+from common.errors import InputError
 from common.losses import AttributionConstraintLoss
 from common.networks import PatchGANClassifier
 
@@ -142,3 +144,21 @@ def test_constrained_trainer_clips_the_gradient_norm():
         norms[max_norm] = (after - before).norm().item()
     assert norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
     assert norms[None] > 10 * norms[1e-3]
+
+
+def test_epoch_lr_schedules():
+    optimizer = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=1e-3)
+    cosine = epoch_lr_scheduler(optimizer, "cosine", 4)
+    rates = []
+    for _ in range(4):
+        optimizer.step()
+        cosine.step()
+        rates.append(cosine.get_last_lr()[0])
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 1e-9  # annealed to zero over the epochs
+    optimizer = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=1e-3)
+    constant = epoch_lr_scheduler(optimizer, "constant", 4)
+    optimizer.step()
+    constant.step()
+    assert constant.get_last_lr() == [1e-3]
+    with pytest.raises(InputError, match="lr_schedule 'step' is unknown; expected one of cosine, constant"):
+        epoch_lr_scheduler(optimizer, "step", 4)

@@ -45,6 +45,9 @@ def test_training_logs_the_constraint_and_keeps_checkpoints(trained):
     models = root / "bundle" / "models"
     assert (models / "model.pt").is_file()  # best validation accuracy
     assert (models / "checkpoint_epoch=2.pt").is_file()  # latest state, for resume
+    # the default cosine schedule is stepped once per epoch and saved for resume: over 2 epochs it reaches 0
+    schedule = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)["lr_scheduler"]
+    assert schedule["last_epoch"] == 2 and schedule["_last_lr"][0] < 1e-6
     assert (models / "unconstrained" / "model.pt").is_file()
     log = train.stdout + train.stderr
     assert "val_accuracy" in log and "val_tpr" in log and "attribution_loss" in log

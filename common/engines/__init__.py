@@ -1,6 +1,6 @@
 """Ignite trainers (``monai.engines.Trainer`` subclasses) for the multi-network methods."""
 
-from common.engines.batches import PrepareKeys, attach_resume, latest_checkpoint
+from common.engines.batches import PrepareKeys, attach_resume, epoch_lr_scheduler, latest_checkpoint
 from common.engines.constrained import ConstrainedClassifierTrainer
 from common.engines.icam import (
     FeatureAttribution,
@@ -16,6 +16,7 @@ __all__ = [
     "ConstrainedClassifierTrainer",
     "PrepareKeys",
     "attach_resume",
+    "epoch_lr_scheduler",
     "latest_checkpoint",
     "VAGANTrainer",
     "FeatureAttribution",

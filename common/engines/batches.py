@@ -1,10 +1,13 @@
-"""Batch preparation for MONAI engines whose target is not the ``label`` key."""
+"""Batch preparation, checkpoint resume and learning-rate schedules shared by the engines."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.utils import convert_to_tensor
+
+from common.errors import InputError
 
 
 class PrepareKeys:
@@ -67,3 +70,19 @@ def attach_resume(trainer, ckpt_dir: str, objects: dict, map_location=None) -> s
 
     trainer.add_event_handler(Events.STARTED, _load)
     return path
+
+
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def epoch_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int):
+    """A per-epoch learning-rate scheduler chosen by name, so a config can switch it with one id.
+
+    ``cosine`` anneals to zero over ``epochs``; ``constant`` keeps the learning rate (a scheduler all
+    the same, so checkpoints and resume have the same objects either way).
+    """
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(epochs)))
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    raise InputError(f"lr_schedule '{schedule}' is unknown; expected one of {', '.join(LR_SCHEDULES)}")
