@@ -20,8 +20,7 @@ while a map is computed) and give back every submodule's train/eval mode and eve
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,27 +28,10 @@ from torch import nn
 
 from common.attribution.baselines import ClassScore
 from common.networks.acat import ACATClassifier, SliceClassifier, slices_to_volume, volume_to_slices
+from common.networks.modes import frozen
 
 # Negative shifts (lower p_c), sorted by size so that among equally good shifts the smallest wins.
 DEFAULT_LAMBDAS = (-1.0, -3.0, -10.0, -30.0, -100.0, -300.0)
-
-
-@contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients inside; each submodule's mode and flags restored after."""
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
-    try:
-        for module in modules:
-            module.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def normalise_per_sample(maps: torch.Tensor) -> torch.Tensor:

@@ -247,6 +247,16 @@ def mean_sd(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std())
 
 
+# Imported last: the TVD module uses the helpers defined above.
+from .tvd import (  # noqa: E402
+    coverage,
+    global_tvd_score,
+    local_tvd_score,
+    local_tvd_scores,
+    prediction_variance,
+    tvd_bootstrap_variance,
+)
+
 __all__ = [
     "DegenerateMetricWarning",
     "accuracy",
@@ -255,12 +265,18 @@ __all__ = [
     "auroc10",
     "auroc_partial",
     "classification_rates",
+    "coverage",
     "dice",
+    "global_tvd_score",
     "hit_rate",
+    "local_tvd_score",
+    "local_tvd_scores",
     "mean_sd",
     "ncc",
     "pearson",
     "pointing_game_hit",
     "pr_operating_threshold",
+    "prediction_variance",
     "top_p_overlap",
+    "tvd_bootstrap_variance",
 ]

@@ -1,0 +1,30 @@
+"""Temporary network modes shared by the samplers and saliency methods that differentiate through networks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients inside; each submodule's mode and flags restored after.
+
+    For gradients with respect to an *input* (a latent code, a noisy sample) through trained networks:
+    dropout and batch-norm updates must not act, and no parameter gradient should be accumulated.
+    """
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
+    try:
+        for module in modules:
+            module.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
