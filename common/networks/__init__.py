@@ -11,6 +11,7 @@ from common.networks.icam import (
     reparameterize,
 )
 from common.networks.patchgan import PatchGANClassifier
+from common.networks.tvd import FeatureCNN
 from common.networks.vagan import Classifier, CounterfactualMaps, Critic, EffectMap, MapGenerator
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Critic",
     "PatchGANClassifier",
     "EffectMap",
+    "FeatureCNN",
     "MapGenerator",
     "AttributeClassifier",
     "AttributeEncoder",

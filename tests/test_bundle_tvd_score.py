@@ -1,0 +1,329 @@
+"""TVD-score bundle: the documented pipeline (classifier -> regressor -> diffusion -> evaluate) through the real
+configs at tiny size, inference (feature-guided samples), and unit tests of the config glue in common.tvd."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from torch import nn
+
+import common.tvd as tvd
+from common.data import load_datalist
+from common.diffusion import ConditionalPredictions
+from common.errors import DatalistError, InputError
+from tests import bundle_runner
+from tests.bundle_runner import REPO
+
+FEATURES = ["aspect_ratio", "size"]
+CONFIGS = REPO / "bundles" / "tvd_score" / "configs"
+# 40 ellipses of 32x32 (the default is 10000), one epoch per network, tiny networks, DDIM with 3 steps,
+# 3 values x 4 samples per feature, 50 bootstrap resamples: the whole pipeline takes seconds. The tolerance
+# is wide because a regressor trained for one epoch would reject every sample at the paper's 0.3 sd.
+TINY = [
+    ("synthetic_params", {"n": 40}),
+    ("cnn_channels", [4, 4, 4, 4]),
+    ("cnn_hidden", 8),
+    ("diffusion_channels", [8, 8]),
+    ("diffusion_attention_levels", "[False, False]"),  # Python literals: the command line reads JSON false as 'false'
+    ("diffusion_norm_groups", 8),
+    ("diffusion_head_channels", 8),
+    ("num_inference_steps", 3),
+    ("rejection_tolerance", 100.0),
+]
+SCHEDULE = [
+    ("classifier_epochs", 1),
+    ("regressor_epochs", 1),
+    ("diffusion_epochs", 1),
+    ("classifier_batch_size", 8),
+    ("regressor_batch_size", 8),
+    ("diffusion_batch_size", 8),
+    ("n_values", 3),
+    ("samples_per_value", 4),
+    ("sample_batch_size", 4),
+    ("bootstrap_resamples", 50),
+]
+
+
+def _arg(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tvd_score")
+    common = [("dataset_dir", str(root / "data")), ("bundle_root", str(root / "bundle")), *TINY]
+    args = [sys.executable, "-m", "common.pipeline", "bundles/tvd_score"]
+    for key, value in [*common, *SCHEDULE]:
+        args += [f"--{key}", _arg(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, common
+
+
+def _config(*names) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / name) for name in names])
+    return parser
+
+
+def test_the_defaults_are_the_papers():
+    evaluate = _config("train.json", "evaluate.json")
+    assert evaluate["features"] == FEATURES and evaluate["synthetic"] == "ellipses"
+    assert evaluate["num_train_timesteps"] == 1000 and evaluate["beta_schedule"] == "linear_beta"
+    assert (evaluate["beta_start"], evaluate["beta_end"]) == (0.0015, 0.0205)  # appendix C.3
+    assert evaluate["rho"] == 0.1 and evaluate["rejection_tolerance"] == 0.3  # Table 9, appendix D.1
+    assert evaluate["samples_per_value"] == 200 and evaluate["bootstrap_resamples"] == 5000  # D.1, section 4.3
+    assert evaluate["coverage_k"] == [5, 3, 1]  # Table 3
+    assert evaluate.get_parsed_content("num_inference_steps") == 50 and evaluate["sampler"] == "ddim"
+    evaluate["sampler"] = "ddpm"
+    assert evaluate.get_parsed_content("num_inference_steps") == 1000  # the paper's DDPM: every step
+    assert evaluate["cnn_channels"] == [32, 64, 64, 64] and evaluate["cnn_hidden"] == 64  # Table 6
+    for stage in ("classifier", "regressor", "diffusion"):
+        assert _config("train.json", f"train_{stage}.json")[f"{stage}_learning_rate"] == 1e-5  # appendix C.2 / C.3
+    stages = json.loads((CONFIGS / "pipeline.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["classifier", "regressor", "diffusion", "evaluate"]
+    assert all(s["configs"][0] == "train.json" for s in stages)
+
+
+def test_every_stage_writes_its_model(pipeline):
+    root, _ = pipeline
+    models = root / "bundle" / "models"
+    for name in ("classifier.pt", "regressor.pt", "diffusion.pt"):
+        state = torch.load(models / name, map_location="cpu", weights_only=True)
+        assert state and all(isinstance(v, torch.Tensor) for v in state.values()), name
+    stats = json.loads((models / "regressor_stats.json").read_text())
+    assert stats["features"] == FEATURES and all(sd > 0 for sd in stats["sd"])
+    train = load_datalist(root / "data" / "datalist.json", "training")
+    assert stats["n"] == len(train)
+    np.testing.assert_allclose(stats["mean"], [np.mean([i[f] for i in train]) for f in FEATURES])
+    times = json.loads((root / "bundle" / "pipeline_times.json").read_text())
+    assert set(times) == {"classifier", "regressor", "diffusion", "evaluate", "total"}
+
+
+def test_evaluation_reports_both_features_with_finite_scores(pipeline):
+    root, _ = pipeline
+    out = root / "bundle" / "eval"
+    report = json.loads((out / "tvd_scores.json").read_text())
+    test = load_datalist(root / "data" / "datalist.json", "test")
+    assert list(report["features"]) == FEATURES
+    for feature, scores in report["features"].items():
+        assert math.isfinite(scores["global_score"]) and scores["global_score"] <= 1.0
+        assert len(scores["local_scores"]) == scores["n_values"] == 3
+        assert all(math.isfinite(s) and s <= 1.0 for s in scores["local_scores"])
+        assert scores["bootstrap_variance_global"] >= 0.0 and scores["bootstrap_variance_local"] >= 0.0
+        assert scores["kept_per_value"] == [4, 4, 4] and scores["kept_total"] == 12
+        # the values are test items' own values of the feature, sorted
+        assert scores["target_values"] == sorted(scores["target_values"])
+        assert scores["target_values"] == [test[i][feature] for i in scores["test_item_indices"]]
+        assert (out / f"local_scores_{feature}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["test"]["n_test"] == len(test) and 0.0 <= report["test"]["classifier_accuracy"] <= 1.0
+    assert set(report["test"]["regressor_r2"]) == set(FEATURES)
+    assert set(report["coverage"]) == {*FEATURES, "plain"}
+    for coverage in report["coverage"].values():
+        assert set(coverage) == {"k=5", "k=3", "k=1"}
+        assert all(0.0 <= c <= 1.0 for c in coverage.values())
+    assert report["settings"]["sampler"] == "ddim" and report["settings"]["rho"] == 0.1
+    markdown = (out / "tvd_scores.md").read_text()
+    assert all(f"| {f} |" in markdown for f in FEATURES) and "plain (unguided)" in markdown
+
+
+def test_inference_writes_guided_samples_and_their_features(pipeline, tmp_path):
+    root, common = pipeline
+    out = tmp_path / "out"
+    overrides = [(k, v) for k, v in common if k != "rejection_tolerance"]
+    bundle_runner.run_bundle(
+        "tvd_score",
+        ["train.json", "inference.json"],
+        *overrides,
+        ("feature", "aspect_ratio"),
+        ("value", 2.5),
+        ("n_samples", 3),
+        ("output_dir", str(out)),
+    )
+    rows = list(csv.DictReader(open(out / "samples_aspect_ratio_2.5.csv")))
+    assert len(rows) == 3
+    assert {"aspect_ratio", "size", "predicted_class", "probability_0", "probability_1", "within_tolerance"} <= set(
+        rows[0]
+    )
+    assert all(abs(float(r["probability_0"]) + float(r["probability_1"]) - 1.0) < 1e-5 for r in rows)
+    image = nib.load(out / "samples_aspect_ratio_2.5_000.nii.gz")
+    assert image.shape == (32, 32)
+    assert (out / "samples_aspect_ratio_2.5.png").stat().st_size > 500
+
+
+# --- common.tvd glue -----------------------------------------------------------------------------------------
+
+
+def _items(n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {"image": f"{i}.nii.gz", "label": int(i % 2), "aspect_ratio": float(rng.uniform(1, 4)), "size": float(i * 3)}
+        for i in range(n)
+    ]
+
+
+def test_standardised_targets_use_the_training_statistics():
+    items = _items()
+    stats = tvd.feature_statistics(items, FEATURES)
+    targets = np.array([i["target"] for i in tvd.with_targets(items, FEATURES, stats)])
+    np.testing.assert_allclose(targets.mean(0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(targets.std(0, ddof=1), 1.0)
+    # the order of the regressor's outputs is the statistics', whatever order is asked for
+    swapped = np.array([i["target"] for i in tvd.with_targets(items, FEATURES[::-1], stats)])
+    np.testing.assert_allclose(swapped, targets[:, ::-1])
+    with pytest.raises(InputError, match="constant"):
+        tvd.feature_statistics([{**i, "size": 1.0} for i in items], FEATURES)
+
+
+def test_statistics_round_trip_and_unknown_features(tmp_path):
+    path = tmp_path / "stats.json"
+    written = tvd.write_feature_statistics(path, _items(), FEATURES)
+    read = tvd.read_feature_statistics(path, ["size"])
+    assert read == written and read.sd_of("size") == written.sd[1]
+    with pytest.raises(InputError, match="volume"):
+        tvd.read_feature_statistics(path, ["volume"])
+    with pytest.raises(InputError, match="train_regressor.json"):
+        tvd.read_feature_statistics(tmp_path / "missing.json")
+
+
+def test_guidance_target_is_standardised(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tvd, "guided_sample", lambda *a, **k: calls.append((a, k)) or torch.zeros(a[2]))
+    guide = nn.Identity()
+    sampler = tvd.FeatureSampler("model", "scheduler", (1, 4, 4), guide=guide, mean=2.0, sd=0.5, rho=0.1)
+    out = sampler(3, torch.full((3,), 3.0), None)
+    (args, kwargs) = calls[-1]
+    assert out.shape == (3, 1, 4, 4) and args[2] == (3, 1, 4, 4)
+    torch.testing.assert_close(kwargs["target"], torch.full((3,), 2.0))  # (3 - 2) / 0.5
+    assert kwargs["feature_fn"] is guide and kwargs["rho"] == 0.1
+    sampler(2, None, None)  # the coverage baseline: unguided
+    assert calls[-1][1]["feature_fn"] is None and calls[-1][1]["rho"] == 0.0 and calls[-1][1]["target"] is None
+
+
+def test_feature_sampler_guides_by_the_standardised_regressor_output():
+    stats = tvd.FeatureStatistics(FEATURES, [2.0, 60.0], [0.5, 20.0], 10)
+    regressor = nn.Linear(3, 2)
+    sampler = tvd.feature_sampler("model", "scheduler", (3,), regressor, stats, "size", rho=0.1)
+    assert (sampler.mean, sampler.sd) == (60.0, 20.0)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(sampler.guide(x), regressor(x)[:, 1])
+        g = tvd.feature_output(regressor, stats, "size", standardised=False)(x)
+        torch.testing.assert_close(g, regressor(x)[:, 1] * 20.0 + 60.0)
+        torch.testing.assert_close(tvd.FeatureOutputs(regressor, stats, FEATURES)(x)[:, 1], g)
+    assert tvd.feature_sampler("model", "scheduler", (3,)).guide is None
+
+
+def test_values_come_from_the_test_split():
+    items = _items(n=30)
+    for selection in ("quantiles", "random"):
+        chosen = tvd.feature_values(items, "aspect_ratio", 7, selection, seed=3)
+        assert len(set(chosen.indices.tolist())) == 7
+        assert chosen.values.tolist() == [items[i]["aspect_ratio"] for i in chosen.indices]
+        assert chosen.values.tolist() == sorted(chosen.values.tolist())
+        assert chosen.classes.tolist() == [items[i]["label"] for i in chosen.indices]
+    # quantiles: the items of rank floor((j + 0.5) N / n) in sorted order
+    ranked = sorted(i["size"] for i in items)
+    assert tvd.feature_values(items, "size", 3).values.tolist() == [ranked[5], ranked[15], ranked[25]]
+    same = tvd.feature_values(items, "size", 5, "random", seed=1).indices
+    assert same.tolist() == tvd.feature_values(items, "size", 5, "random", seed=1).indices.tolist()
+    with pytest.raises(InputError, match="n_values=31"):
+        tvd.feature_values(items, "size", 31)
+    with pytest.raises(InputError, match="value_selection"):
+        tvd.feature_values(items, "size", 3, "grid")
+
+
+def test_items_without_a_feature_are_named(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), tmp_path / "a.nii.gz")
+    item = {"image": "a.nii.gz", "label": 1, "aspect_ratio": 2.0}
+    (tmp_path / "datalist.json").write_text(json.dumps({"test": [item]}))
+    with pytest.raises(DatalistError, match=r"test\[0\] .*a.nii.gz.*'size' missing"):
+        tvd.load_items(tmp_path / "datalist.json", "test", FEATURES)
+    (tmp_path / "datalist.json").write_text(json.dumps({"test": [{**item, "size": "big"}]}))
+    with pytest.raises(DatalistError, match="'size' 'big' is not a finite number"):
+        tvd.load_items(tmp_path / "datalist.json", "test", FEATURES)
+
+
+def _result(kept, embeddings=True):
+    preds = [np.array([0, 1] * (k // 2) + [0] * (k % 2)) for k in kept]
+    return ConditionalPredictions(
+        values=np.arange(len(kept), dtype=np.float64),
+        predictions=preds,
+        features=[np.full(k, 1.0) for k in kept],
+        embeddings=[np.random.default_rng(k).normal(size=(k, 2)) for k in kept] if embeddings else None,
+        drawn=np.full(len(kept), 4),
+        accepted=np.array(kept),
+        kept=np.array(kept),
+        rounds=np.ones(len(kept), dtype=np.int64),
+        samples_per_value=4,
+    )
+
+
+def test_a_feature_without_kept_samples_still_reports(tmp_path):
+    values = tvd.FeatureValues("size", np.array([1.0, 2.0]), np.array([0, 1]), np.array([0, 1]), "quantiles")
+    empty = tvd.score_feature(_result([0, 0]), values, [0, 1, 0, 1], n_resamples=10)
+    assert empty["global_score"] is None and "no sample within the rejection tolerance" in empty["error"]
+    assert tvd.coverage_of(_result([0, 0]), np.zeros((8, 2)), [5, 3, 1]) is None
+    scores = tvd.score_feature(_result([4, 2]), values, [0, 1, 0, 1], n_resamples=10)
+    assert scores["global_score"] == pytest.approx(0.0) and scores["kept_feature_mean"] == [1.0, 1.0]
+    # k must stay below the number of real samples: k=5 is left out with 5 test items
+    assert set(tvd.coverage_of(_result([4, 2]), np.random.default_rng(0).normal(size=(5, 2)), [5, 3, 1])) == {
+        "k=3",
+        "k=1",
+    }
+    assert tvd.plain_sample_count({"a": scores, "b": empty}) == 6
+    report = tvd.write_report(
+        tmp_path, {"size": scores, "aspect_ratio": empty}, {"size": None}, {}, {"rho": 0.1}, _items(), ["a", "b"]
+    )
+    assert report["features"]["aspect_ratio"]["global_score"] is None
+    assert (tmp_path / "local_scores_size.png").is_file() and not (tmp_path / "local_scores_aspect_ratio.png").exists()
+    assert "| aspect_ratio | n/a |" in (tmp_path / "tvd_scores.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_test_summary_and_network_loading(tmp_path):
+    items = _items(n=6)
+    truth = np.array([[i[f] for f in FEATURES] for i in items])
+    reference = {"classes": np.array([i["label"] for i in items]), "features": truth}
+    summary = tvd.test_summary(reference, items, FEATURES)
+    assert summary["classifier_accuracy"] == 1.0 and summary["regressor_r2"] == {"aspect_ratio": 1.0, "size": 1.0}
+    with pytest.raises(InputError, match="classifier checkpoint not found"):
+        tvd.load_network(nn.Linear(2, 2), tmp_path / "classifier.pt", "classifier")
+    net = nn.Linear(2, 2)
+    torch.save({"classifier": net.state_dict()}, tmp_path / "wrapped.pt")
+    torch.save(net.state_dict(), tmp_path / "bare.pt")
+    for name in ("wrapped.pt", "bare.pt"):
+        loaded = tvd.load_network(nn.Linear(2, 2), tmp_path / name, "classifier")
+        torch.testing.assert_close(loaded.weight, net.weight)
+        assert not loaded.training
+
+
+def test_inference_arguments_are_checked():
+    tvd.check_target(None, None, FEATURES)
+    with pytest.raises(InputError, match="unknown; expected one of"):
+        tvd.check_target("volume", 1.0, FEATURES)
+    with pytest.raises(InputError, match="needs --value"):
+        tvd.check_target("size", None, FEATURES)
+    with pytest.raises(InputError, match="without --feature"):
+        tvd.check_target(None, 2.0, FEATURES)
+    with pytest.raises(InputError, match="sampler 'euler'"):
+        tvd.sampling_scheduler("euler")
+    with pytest.raises(InputError, match="coverage_embedding"):
+        tvd.embedding("vgg16")
+
+
+def test_preprocessing_is_flat_so_the_cache_holds_it():
+    from monai.transforms import Compose
+
+    chain = tvd.preprocessing(2, [32, 32], target_key="target")
+    assert not any(isinstance(t, Compose) for t in chain.transforms)  # a nested Compose counts as random
+    assert chain.get_index_of_first(lambda t: isinstance(t, Compose)) is None
