@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
         ("batch_size", 4),
     ]
     models = root / "bundle" / "models"
-    train = run_bundle(["train.json"], *common, ("max_epochs", 2), ("alpha_A", 10.0))
+    train = run_bundle(["train.json"], *common, ("max_epochs", 2), ("alpha_A", 10.0), ("lr_schedule", "cosine"))
     run_bundle(
         ["train.json"], *common, ("max_epochs", 1), ("alpha_A", 0.0), ("ckpt_dir", str(models / "unconstrained"))
     )
@@ -45,9 +45,12 @@ def test_training_logs_the_constraint_and_keeps_checkpoints(trained):
     models = root / "bundle" / "models"
     assert (models / "model.pt").is_file()  # best validation accuracy
     assert (models / "checkpoint_epoch=2.pt").is_file()  # latest state, for resume
-    # the default cosine schedule is stepped once per epoch and saved for resume: over 2 epochs it reaches 0
+    # the schedule is stepped once per epoch and saved for resume: cosine over 2 epochs reaches 0,
+    # the default (constant) keeps the learning rate
     schedule = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)["lr_scheduler"]
     assert schedule["last_epoch"] == 2 and schedule["_last_lr"][0] < 1e-6
+    constant = torch.load(models / "unconstrained" / "checkpoint_epoch=1.pt", weights_only=True)["lr_scheduler"]
+    assert constant["last_epoch"] == 1 and constant["_last_lr"] == [1e-3]
     assert (models / "unconstrained" / "model.pt").is_file()
     log = train.stdout + train.stderr
     assert "val_accuracy" in log and "val_tpr" in log and "attribution_loss" in log
