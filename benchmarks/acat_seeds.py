@@ -11,8 +11,11 @@ Each argument is the ``bundle_root`` of one ``python -m common.pipeline bundles/
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -44,6 +47,24 @@ def _rows(runs: list[Path], file: str, column: str, paper: dict) -> list[str]:
     return lines
 
 
+def _provenance(runs: list[Path]) -> str:
+    """Where the runs came from: their defaults' version and pipeline times, and when this table was made."""
+    times = []
+    for run in runs:
+        path = run / "pipeline_times.json"
+        if path.is_file():
+            total = json.loads(path.read_text()).get("total")
+            if total is not None:
+                times.append(f"{run}: {total / 60:.0f} min")
+    made = datetime.date.today().isoformat()
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
+    pipeline = f" Pipeline wall-clock time per run: {'; '.join(times)}." if times else ""
+    return (
+        f"Made {made} on {machine} by `python benchmarks/acat_seeds.py {' '.join(map(str, runs))}` from the runs"
+        f" of `python -m common.pipeline bundles/acat --seed S --bundle_root DIR`.{pipeline}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="bundle_root of each seed's pipeline run")
@@ -67,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         "| method | localisation | paper (IST-3) | per run | cases (first run) |",
         "|---|---|---|---|---|",
         *_rows(args.runs, "saliency_metrics.json", "localisation", PAPER_LOCALISATION),
+        "",
+        _provenance(args.runs),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
