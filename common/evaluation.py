@@ -33,6 +33,7 @@ from common.engines.batches import PrepareKeys  # noqa: E402
 from common.errors import InputError  # noqa: E402
 from common.handlers import AUPRC, AUROC, AUROC10, Dice, OperatingThreshold  # noqa: E402
 from common.metrics import mean_sd  # noqa: E402
+from common.output import write_text_atomic  # noqa: E402
 
 POSTPROCESS = {
     "none": lambda m: m,
@@ -211,7 +212,7 @@ class AttributionReport:
     def _write(self, engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results = self.summary(engine)
-        _atomic_write(self.output_dir / f"{self.prefix}metrics.json", json.dumps(results, indent=2))
+        write_text_atomic(self.output_dir / f"{self.prefix}metrics.json", json.dumps(results, indent=2))
         labels = list(dict.fromkeys(c for columns in self.columns.values() for c in columns))
         header = ["method", *labels, "cases"]
         lines = [f"### {self.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -228,7 +229,7 @@ class AttributionReport:
                 cells.append(cell)
             cells.append("" if r["n"] is None else str(r["n"]))
             lines.append("| " + " | ".join(cells) + " |")
-        _atomic_write(self.output_dir / f"{self.prefix}metrics.md", "\n".join(lines) + "\n")
+        write_text_atomic(self.output_dir / f"{self.prefix}metrics.md", "\n".join(lines) + "\n")
         self._figure(results)
 
     def _figure(self, results: dict) -> None:
@@ -262,12 +263,6 @@ def _paper_figure(value: float) -> str:
     """A paper's figure as it printed it: two decimals, three when it has them (ICAM's NCC 0.435)."""
     text = f"{value:.3f}"
     return text[:-1] if text.endswith("0") else text
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def operating_thresholds(methods: Sequence[str]) -> dict:
@@ -326,7 +321,7 @@ class SaveThresholds:
     def __call__(self, engine) -> None:
         values = {name: float(engine.state.metrics[metric]) for name, metric in self.names.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path, json.dumps(values, indent=2) + "\n")
+        write_text_atomic(self.path, json.dumps(values, indent=2) + "\n")
 
 
 def load_threshold(path: str, name: str) -> float:

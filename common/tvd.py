@@ -48,9 +48,9 @@ from common.data import SPLITS, load_datalist
 from common.data.transforms import image_transforms
 from common.diffusion import feature_scores, guided_sample, plot_local_scores, sample_coverage, scores_markdown
 from common.diffusion.evaluation import ConditionalPredictions
-from common.diffusion.guided import _modules_of
 from common.errors import DatalistError, InputError
-from common.networks.modes import frozen
+from common.networks.modes import frozen, modules_of
+from common.output import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -123,20 +123,6 @@ def feature_statistics(items: Sequence[Mapping], features: Sequence[str]) -> Fea
     return FeatureStatistics(list(features), mean.tolist(), sd.tolist(), len(items))
 
 
-def _write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write through a temporary sibling and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_feature_statistics(path: str | os.PathLike, items: Sequence[Mapping], features: Sequence[str]):
     """The training split's :func:`feature_statistics`, also saved as JSON next to the regressor's weights.
 
@@ -144,7 +130,7 @@ def write_feature_statistics(path: str | os.PathLike, items: Sequence[Mapping], 
     reads them back for the guidance target and the rejection rule (tolerance x sd).
     """
     stats = feature_statistics(items, features)
-    _write_text(path, json.dumps(asdict(stats), indent=1) + "\n")
+    write_text_atomic(path, json.dumps(asdict(stats), indent=1) + "\n")
     return stats
 
 
@@ -422,7 +408,7 @@ class FeatureSampler:
             device=self.device,
         )
         if self.decode is not None:
-            with torch.no_grad(), frozen(*_modules_of(self.decode)):
+            with torch.no_grad(), frozen(*modules_of(self.decode)):
                 samples = self.decode(samples)
         return samples
 
@@ -494,7 +480,7 @@ def predict(loader, fns: Mapping[str, Callable[[torch.Tensor], Any]], device=Non
     """
     out: dict[str, list[np.ndarray]] = {name: [] for name in fns}
     labels = []
-    with frozen(*_modules_of(*fns.values())):
+    with frozen(*modules_of(*fns.values())):
         for batch in loader:
             images = convert_to_tensor(batch["image"], track_meta=False).to(device)
             for name, fn in fns.items():
@@ -677,8 +663,8 @@ def write_report(
                 output_dir / f"local_scores_{feature}.png",
                 title=f"TVD local scores: {feature} (global {_number(s.get('global_score'))})",
             )
-    _write_text(output_dir / "tvd_scores.md", report_markdown(report))
-    _write_text(output_dir / "tvd_scores.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(output_dir / "tvd_scores.md", report_markdown(report))
+    write_text_atomic(output_dir / "tvd_scores.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
     logger.info("TVD scores written to %s:\n%s", output_dir, scores_markdown(report["features"]))
     return report
 

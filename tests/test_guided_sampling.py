@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from common.diffusion import guided_sample, guided_step, normalised_guidance, piecewise_rho, reject_off_target
+from tests.toys import tiny_diffusion_unet
 
 T, BETA_START, BETA_END = 1000, 0.0015, 0.0205
 BETAS = torch.linspace(BETA_START, BETA_END, T, dtype=torch.float64)
@@ -207,17 +207,7 @@ def test_normalised_guidance_has_norm_rho_and_models_stay_as_they_were():
 
 
 def test_guided_step_with_monai_diffusion_unet():
-    pytest.importorskip("einops")  # MONAI's DiffusionModelUNet needs it; not in requirements.txt
-    torch.manual_seed(0)
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 8),
-        attention_levels=(False, False),
-        num_res_blocks=1,
-        norm_num_groups=8,
-    )
+    unet = tiny_diffusion_unet()
     scheduler = ddpm()
     x = torch.randn(2, 1, 8, 8, generator=seeded(0))
     plain = guided_step(unet, scheduler, x, 600, generator=seeded(4))

@@ -255,6 +255,7 @@ def test_sites_give_each_class_its_own_scanner():
             # The patient's healthy counterpart is scanned at the same site, so the effect stays exact.
             np.testing.assert_allclose(arrays["effect"], arrays["image"] - arrays["healthy"], atol=1e-6)
             assert np.abs(arrays["effect"][arrays["mask"] == 0]).max() < np.abs(arrays["effect"]).max()
+
     # No bias field at the control site: the noise-free control is the contrast image times the gain.
     def quiet_control(bias_strength):
         control_site = {"noise_std": 0.0, "bias_strength": bias_strength}

@@ -27,6 +27,7 @@ from common.diffusion import (
     scores_markdown,
 )
 from common.metrics.tvd import global_tvd_score, local_tvd_scores, tvd_bootstrap_variance
+from tests.toys import tiny_diffusion_unet
 
 SD = 0.1  # feature sd over the "real data"
 TOL = 0.3
@@ -396,20 +397,9 @@ def test_markdown_of_real_scores():
 
 
 def test_guided_sample_with_monai_unet_fits_sample_fn():
-    pytest.importorskip("einops")  # MONAI's DiffusionModelUNet needs it
-    from monai.networks.nets import DiffusionModelUNet
     from monai.networks.schedulers import DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 8),
-        attention_levels=(False, False),
-        num_res_blocks=1,
-        norm_num_groups=8,
-    )
+    unet = tiny_diffusion_unet()
     scheduler = DDIMScheduler(1000, schedule="linear_beta", beta_start=0.0015, beta_end=0.0205, clip_sample=False)
     scheduler.set_timesteps(5)
     mean = lambda x: x.flatten(1).mean(1)

@@ -13,3 +13,19 @@ class LinearScore(nn.Module):
 
     def forward(self, x):
         return (self.w * x).flatten(1).sum(1, keepdim=True)
+
+
+def tiny_diffusion_unet(spatial_dims: int = 2):
+    """MONAI's DiffusionModelUNet at the smallest size it allows: interface checks, not sample quality."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    torch.manual_seed(0)
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 8),
+        attention_levels=(False, False),
+        num_res_blocks=1,
+        norm_num_groups=8,
+    )

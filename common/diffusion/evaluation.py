@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.utils import optional_import  # noqa: E402
 
-from common.diffusion.guided import _modules_of, reject_off_target  # noqa: E402
+from common.diffusion.guided import reject_off_target  # noqa: E402
 from common.metrics.tvd import (  # noqa: E402
     coverage,
     global_tvd_score,
@@ -48,7 +48,7 @@ from common.metrics.tvd import (  # noqa: E402
     prediction_variance,
     tvd_bootstrap_variance,
 )
-from common.networks.modes import frozen  # noqa: E402
+from common.networks.modes import frozen, modules_of  # noqa: E402
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -225,7 +225,7 @@ def conditional_predictions(
     embeddings: list[np.ndarray] | None = [] if embed_fn is not None else None
 
     bar = tqdm(range(n_values), desc="conditional sampling") if progress and has_tqdm else range(n_values)
-    with frozen(*_modules_of(classify_fn, feature_fn, embed_fn)), torch.no_grad():
+    with frozen(*modules_of(classify_fn, feature_fn, embed_fn)), torch.no_grad():
         for i in bar:
             target = targets[i]
             preds, feats, embs = [], [], []

@@ -48,9 +48,8 @@ from typing import Any
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai.utils import optional_import
-from torch import nn
 
-from common.networks.modes import frozen
+from common.networks.modes import frozen, modules_of
 
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -71,16 +70,6 @@ def piecewise_rho(rho_above: float, rho_at_or_below: float, boundary: int = 400)
 
 def _rho_at(rho: Rho, t: int) -> float:
     return float(rho(t)) if callable(rho) else float(rho)
-
-
-def _modules_of(*fns: Any) -> list[nn.Module]:
-    """The modules behind callables: a module itself, or the owner of a bound method (``ae.decode``)."""
-    modules = []
-    for fn in fns:
-        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-        if isinstance(owner, nn.Module):
-            modules.append(owner)
-    return modules
 
 
 def _per_sample(values: torch.Tensor | float | Sequence[float], n: int, like: torch.Tensor) -> torch.Tensor:
@@ -213,7 +202,7 @@ def guided_step(
     kwargs = dict(model_kwargs or {})
     timesteps = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
 
-    with frozen(*_modules_of(model, feature_fn, decode)), torch.no_grad():
+    with frozen(*modules_of(model, feature_fn, decode)), torch.no_grad():
         if guide:
             # Our own code (no library does DPS with a normalised gradient): the gradient of the regression
             # loss w.r.t. x_t, through the eps-model, Tweedie's x0_hat and the decoder.
@@ -241,7 +230,7 @@ def guided_step(
 
 
 def _default_device(model: Any) -> torch.device:
-    for module in _modules_of(model):
+    for module in modules_of(model):
         for p in module.parameters():
             return p.device
     return torch.device("cpu")
@@ -314,7 +303,7 @@ def guided_sample(
 
     timesteps = scheduler.timesteps
     steps = tqdm(timesteps, desc=f"guided {kind}") if progress and has_tqdm else timesteps
-    with frozen(*_modules_of(model, feature_fn, decode)), torch.no_grad():
+    with frozen(*modules_of(model, feature_fn, decode)), torch.no_grad():
         for t in steps:
             x = guided_step(
                 model,

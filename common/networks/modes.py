@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
@@ -28,3 +29,13 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def modules_of(*fns: Any) -> list[nn.Module]:
+    """The modules behind callables: a module itself, or the owner of a bound method (``ae.decode``)."""
+    modules = []
+    for fn in fns:
+        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, nn.Module):
+            modules.append(owner)
+    return modules
