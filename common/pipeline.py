@@ -1,8 +1,9 @@
 """Run a multi-stage bundle (e.g. ACAT: classifier -> autoencoder -> saliency -> ACAT -> evaluate).
 
-    python -m common.pipeline bundles/acat [--stages NAME,NAME] [--dry_run] [--id value ...]
+    python -m common.pipeline bundles/acat [--stages NAME,NAME] [--pipeline FILE] [--dry_run] [--id value ...]
 
-The stages are listed in the bundle's ``configs/pipeline.json``::
+The stages are listed in the bundle's ``configs/pipeline.json`` (or another file of its ``configs`` folder
+named by ``--pipeline``, e.g. a preset's ``pipeline_ellipses.json``, whose stages merge the preset's config)::
 
     {"stages": [{"name": "classifier", "configs": ["train_classifier.json"]}, ...]}
 
@@ -25,10 +26,11 @@ from pathlib import Path
 from common.errors import InputError
 
 
-def read_stages(bundle: Path) -> list[dict]:
-    path = bundle / "configs" / "pipeline.json"
+def read_stages(bundle: Path, pipeline: str = "pipeline.json") -> list[dict]:
+    path = bundle / "configs" / pipeline
     if not path.is_file():
-        raise InputError(f"{path}: not found; expected a pipeline.json listing the bundle's stages")
+        available = sorted(p.name for p in (bundle / "configs").glob("pipeline*.json"))
+        raise InputError(f"{path}: not found; expected a file listing the bundle's stages, one of {available}")
     stages = json.loads(path.read_text()).get("stages")
     if not isinstance(stages, list) or not stages or not all({"name", "configs"} <= set(s) for s in stages):
         raise InputError(f"{path}: expected {{'stages': [{{'name': ..., 'configs': [...]}}, ...]}}")
@@ -54,9 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="the bundle folder, e.g. bundles/acat")
     parser.add_argument("--stages", default="", help="comma-separated stage names to run (default: all, in order)")
+    parser.add_argument(
+        "--pipeline",
+        default="pipeline.json",
+        help="the stage list in the bundle's configs folder (default: %(default)s)",
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the commands without running them")
     args, overrides = parser.parse_known_args(argv)
-    stages = read_stages(args.bundle)
+    stages = read_stages(args.bundle, args.pipeline)
     if args.stages:
         wanted = args.stages.split(",")
         unknown = sorted(set(wanted) - {s["name"] for s in stages})

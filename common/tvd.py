@@ -161,25 +161,32 @@ def preprocessing(
     intensity_range: Sequence[float] = (0.0, 1.0),
     resize: str = "pad_crop",
     target_key: str | None = None,
+    mask_key: str | None = None,
+    label: bool = True,
 ) -> Compose:
     """Load, check and scale the image to [-1, 1] (the diffusion model's range, used by all three networks).
 
     The classifier and the regressor see the same space as the diffusion samples, so the guidance and the
-    classification of generated samples need no conversion. ``target_key``: also keep the regressor target.
+    classification of generated samples need no conversion. ``target_key``: also keep the regressor target;
+    ``mask_key``: also load that label image on the same grid (a region feature's mask).
+    ``intensity="percentile"``: ``intensity_range`` are percentiles (paper: 10th and 90th). ``label=False``: a
+    new image at inference, without a label.
     """
-    keep = ["label"] + ([target_key] if target_key else [])
+    keep = (["label"] if label else []) + ([target_key] if target_key else [])
     steps = [
         image_transforms(
             spatial_dims,
             spatial_size,
+            mask_keys=[mask_key] if mask_key else (),
             intensity=intensity,
             a_min=intensity_range[0],
             a_max=intensity_range[1],
             resize=resize,
             keep=keep,
         ),
-        EnsureTyped("label", dtype=torch.long),
     ]
+    if label:
+        steps.append(EnsureTyped("label", dtype=torch.long))
     if target_key:
         steps.append(EnsureTyped(target_key, dtype=torch.float32))
     # Flat: a nested Compose counts as random for CacheDataset, which would then cache nothing.
@@ -353,6 +360,8 @@ class FeatureSampler:
         guide: images -> (B,) standardised feature (:func:`feature_output` with ``standardised=True``).
         mean, sd: the feature's training statistics.
         rho: guidance step (paper: 0.1 for the ellipse features), a float or ``rho(t)``.
+        rho_per_train_step: rho is per training timestep, as the paper's (scaled by T / steps when sampling
+            with fewer steps, see :func:`common.diffusion.guided_sample`); False: per sampling step.
         num_inference_steps: steps of the sampler (DDIM: e.g. 50; DDPM: T).
         eta: DDIM noise weight.
         decode: latents -> images (latent diffusion); None in pixel space.
@@ -372,6 +381,7 @@ class FeatureSampler:
         eta: float = 0.0,
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         device=None,
+        rho_per_train_step: bool = True,
     ):
         if not sd > 0:
             raise ValueError(f"sd={sd}; expected the feature's (positive) standard deviation")
@@ -386,6 +396,7 @@ class FeatureSampler:
         self.eta = float(eta)
         self.decode = decode
         self.device = torch.device(device) if device is not None else None
+        self.rho_per_train_step = bool(rho_per_train_step)
 
     def standardise(self, target: torch.Tensor | float) -> torch.Tensor:
         """(v - mean) / sd: the guidance target c0 in the regressor's standardised units."""
@@ -406,6 +417,7 @@ class FeatureSampler:
             eta=self.eta,
             generator=generator,
             device=self.device,
+            rho_per_train_step=self.rho_per_train_step,
         )
         if self.decode is not None:
             with torch.no_grad(), frozen(*modules_of(self.decode)):
@@ -433,6 +445,153 @@ def feature_sampler(
     )
 
 
+def _dilate(mask: torch.Tensor, voxels: int) -> torch.Tensor:
+    """Binary dilation of a (1, 1, *spatial) mask by ``voxels`` (a cube), as a max-pooling."""
+    if voxels <= 0:
+        return mask
+    pool = torch.nn.functional.max_pool3d if mask.ndim == 5 else torch.nn.functional.max_pool2d
+    return pool(mask, kernel_size=2 * voxels + 1, stride=1, padding=voxels)
+
+
+class RegionSampler:
+    """``sample_fn(n, target, generator)`` of a *region* feature (the paper's "hippocampus", section 4.3): samples
+    that keep one test item's region (its mask dilated by ``dilation`` voxels, paper: 2) while the rest varies.
+
+    ``target`` holds the position of the item in ``regions`` (the same for the whole call). Two ways to constrain:
+
+    - ``"guidance"`` (the paper's, Table 9: rho 0.4): DPS guidance (Eq. 8) with g(x) = M * x and c0 = M * x_known,
+      the masked image compared in image space through the decoder; no rejection (no sd for a region).
+    - ``"replace"``: the region is replaced at every step by the known image noised to that step's level
+      (RePaint without resampling, :func:`common.diffusion.guided_step`); in latent space the known latent is
+      the item's encoded posterior mean and the region is every latent cell the image region touches.
+
+    Args:
+        regions: ``[(image, mask)]`` per test item, each (C, *spatial) in image space (the preprocessing's output).
+        encode: images -> scaled latents (latent diffusion, ``"replace"``); ``decode``: the inverse (both
+            None in pixel space).
+        Other arguments as :class:`FeatureSampler`.
+    """
+
+    MODES = ("guidance", "replace")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scheduler,
+        sample_shape: Sequence[int],
+        regions: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        mode: str = "guidance",
+        rho: float | Callable[[int], float] = 0.4,
+        dilation: int = 2,
+        num_inference_steps: int | None = None,
+        eta: float = 0.0,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        device=None,
+        rho_per_train_step: bool = True,
+    ):
+        if mode not in self.MODES:
+            raise InputError(f"region_mode '{mode}' is unknown; expected one of {list(self.MODES)}")
+        if mode == "replace" and (encode is None) != (decode is None):
+            raise ValueError("latent region replacement needs both encode and decode")
+        self.model = model
+        self.scheduler = scheduler
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.regions = list(regions)
+        self.mode = mode
+        self.rho = rho
+        self.dilation = int(dilation)
+        self.num_inference_steps = None if num_inference_steps is None else int(num_inference_steps)
+        self.eta = float(eta)
+        self.encode = encode
+        self.decode = decode
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.rho_per_train_step = bool(rho_per_train_step)
+
+    def region(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(known image (1, C, *S), dilated mask (1, 1, *S)) of item ``index``, on the sampling device."""
+        if not 0 <= index < len(self.regions):
+            raise IndexError(f"region {index} of {len(self.regions)}")
+        image, mask = self.regions[index]
+        image = convert_to_tensor(image, track_meta=False).float().unsqueeze(0).to(self.device)
+        mask = (convert_to_tensor(mask, track_meta=False).float().unsqueeze(0)[:, :1] > 0.5).float().to(self.device)
+        return image, _dilate(mask, self.dilation)
+
+    def __call__(self, n: int, target: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        index = int(torch.as_tensor(target).reshape(-1)[0].round())
+        image, mask = self.region(index)
+        kwargs: dict[str, Any] = dict(
+            num_inference_steps=self.num_inference_steps, eta=self.eta, generator=generator, device=self.device
+        )
+        if self.mode == "guidance":
+            known = (image * mask).flatten(1)
+            samples = guided_sample(
+                self.model,
+                self.scheduler,
+                (int(n), *self.sample_shape),
+                feature_fn=_MaskedImage(mask),
+                target=known.expand(int(n), -1),
+                rho=self.rho,
+                decode=self.decode,
+                rho_per_train_step=self.rho_per_train_step,
+                **kwargs,
+            )
+        else:
+            region_image, region = image, mask
+            if self.encode is not None:
+                with torch.no_grad(), frozen(*modules_of(self.encode)):
+                    region_image = self.encode(image)
+                factor = image.shape[2] // region_image.shape[2]
+                pool = torch.nn.functional.max_pool3d if mask.ndim == 5 else torch.nn.functional.max_pool2d
+                region = pool(mask, kernel_size=factor, stride=factor) if factor > 1 else mask
+            samples = guided_sample(
+                self.model,
+                self.scheduler,
+                (int(n), *self.sample_shape),
+                region=region,
+                region_image=region_image,
+                **kwargs,
+            )
+        if self.decode is not None:
+            with torch.no_grad(), frozen(*modules_of(self.decode)):
+                samples = self.decode(samples)
+        return samples
+
+
+class _MaskedImage(nn.Module):
+    """g(x) = M * x, flattened: the "feature" of a region constraint by guidance."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images * self.mask).flatten(1)
+
+
+def load_regions(items: Sequence[Mapping], indices: Sequence[int], transform, mask_key: str = "mask") -> list:
+    """``[(image, mask)]`` of the test items at ``indices`` through ``transform`` (which loads ``mask_key``)."""
+    regions = []
+    for i in indices:
+        item = items[int(i)]
+        if not item.get(mask_key):
+            raise DatalistError(
+                f"test item {int(i)} ({item.get('image')}): no '{mask_key}'; a region feature needs a mask per item"
+            )
+        data = transform(dict(item))
+        regions.append((data["image"], data[mask_key]))
+    return regions
+
+
+def region_values(
+    items: Sequence[Mapping], feature: str, order_feature: str, n_values: int, selection: str = "quantiles", seed=0
+) -> FeatureValues:
+    """The test items whose regions are kept, chosen like :func:`feature_values` along ``order_feature`` (e.g. the
+    hippocampal volume for the hippocampus region), so the local scores can be plotted against it."""
+    chosen = feature_values(items, order_feature, n_values, selection, seed)
+    return FeatureValues(feature, chosen.values, chosen.indices, chosen.classes, chosen.selection, order_feature)
+
+
 @dataclass
 class FeatureValues:
     """The target values of one feature, taken from test items: ``values[j]`` is item ``indices[j]``'s value."""
@@ -442,6 +601,8 @@ class FeatureValues:
     indices: np.ndarray
     classes: np.ndarray
     selection: str
+    # a region feature has no value of its own: ``values`` are then this feature's values of the chosen items
+    order_feature: str | None = None
 
 
 def feature_values(
@@ -536,6 +697,9 @@ def score_feature(
         return {**extra, "global_score": None, "local_scores": [], "values": [], "error": message}
     classes = values.classes if class_balanced else None
     scores = feature_scores(result, reference_predictions, classes, n_resamples=n_resamples, seed=seed)
+    if values.order_feature is not None:  # a region: the sampler's targets were item indices
+        scores["values"] = values.values.tolist()
+        extra["order_feature"] = values.order_feature
     return {**extra, **scores}
 
 
@@ -653,13 +817,14 @@ def write_report(
     report = _json_ready({"features": scores, "coverage": coverage, "test": test, "settings": settings})
     for feature, s in report["features"].items():
         if s.get("local_scores"):
+            axis = s.get("order_feature") or feature
             plot_local_scores(
                 s["values"],
                 s["local_scores"],
-                [item[feature] for item in train_items],
+                [item[axis] for item in train_items],
                 [item["label"] for item in train_items],
                 class_names,
-                feature,
+                axis if axis == feature else f"{axis} of the item whose {feature} is kept",
                 output_dir / f"local_scores_{feature}.png",
                 title=f"TVD local scores: {feature} (global {_number(s.get('global_score'))})",
             )
@@ -701,6 +866,138 @@ def describe_samples(
     return columns
 
 
+def draw_and_describe(
+    sample_fn: Callable, n: int, target, generator, classifier, regressor, stats, features, feature, value, tolerance
+) -> tuple[torch.Tensor, dict[str, list]]:
+    """``n`` samples from ``sample_fn`` (guided to ``target`` or not) and their :func:`describe_samples` columns."""
+    images = sample_fn(n, target, generator)
+    return images, describe_samples(images, classifier, regressor, stats, features, feature, value, tolerance)
+
+
+def local_score_at(report: Mapping, feature: str, value: float) -> float | None:
+    """The local score of ``feature`` at ``value``, interpolated linearly between the evaluated values (a region
+    feature along its ``order_feature``); values outside the evaluated range take the nearest end's score.
+    None when the evaluation has no local score for it."""
+    scores = (report.get("features") or {}).get(feature) or {}
+    pairs = sorted(
+        (v, s) for v, s in zip(scores.get("values") or [], scores.get("local_scores") or []) if s is not None
+    )
+    if not pairs:
+        return None
+    v, s = np.array(pairs, dtype=np.float64).reshape(-1, 2).T
+    return float(np.interp(float(value), v, s))
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: TVD report not found; run evaluate.json first (it writes tvd_scores.json)")
+    return json.loads(path.read_text())
+
+
+def roi_inference(
+    input_image: str,
+    input_mask: str | None,
+    transform,
+    classifier: nn.Module,
+    regressor: nn.Module,
+    stats: FeatureStatistics,
+    features: Sequence[str],
+    region_feature: str | None,
+    guide_feature: str,
+    sampler_kwargs: Mapping[str, Any],
+    n_samples: int,
+    report: Mapping,
+    output_dir: str | os.PathLike,
+    mask_key: str = "mask",
+    seed: int = 0,
+    tolerance: float | None = 0.3,
+) -> dict:
+    """Samples that share a new ROI's region (with ``input_mask``) or, without a mask, its value of
+    ``guide_feature`` (as the regressor measures it); the classifier's decisions on them and on the ROI, and the
+    local score at the ROI's feature values.
+
+    Writes ``<stem>_sample_<i>.nii.gz`` (in the input's shape and affine: the pre-processing is inverted;
+    intensities stay in the networks' [-1, 1]), ``<stem>_samples.png`` (gallery, the ROI first),
+    ``<stem>_samples.csv`` (per-sample features and decisions) and ``<stem>_tvd.json`` (the summary, returned).
+    ``sampler_kwargs``: ``model, scheduler, sample_shape, num_inference_steps, eta, encode, decode, device`` and
+    ``rho`` (feature) / ``region_rho``, ``region_mode``, ``region_dilation`` (region).
+    """
+    from monai.transforms import Invertd
+
+    from common.data import inference_items
+    from common.output import SaveMapd, input_stem
+
+    item = inference_items(input_image=input_image)[0]
+    if input_mask:
+        item[mask_key] = inference_items(input_image=input_mask)[0]["image"]
+    data = transform(item)
+    image = data["image"]
+    device = sampler_kwargs.get("device")
+    kw = dict(sampler_kwargs)
+    generator = seeded_generator(device or "cpu", seed)
+    with torch.no_grad(), frozen(classifier, regressor):
+        x = convert_to_tensor(image, track_meta=False).unsqueeze(0).to(device)
+        input_probabilities = torch.softmax(classifier(x), dim=1)[0].cpu()
+        input_features = FeatureOutputs(regressor, stats, features)(x)[0].cpu()
+    values = {f: float(input_features[j]) for j, f in enumerate(features)}
+    if input_mask:
+        if region_feature is None:
+            raise InputError("--input_mask given but the bundle has no region feature (region_features is empty)")
+        sampler = RegionSampler(
+            kw["model"], kw["scheduler"], kw["sample_shape"], [(image, data[mask_key])],
+            mode=kw["region_mode"], rho=kw["region_rho"], dilation=kw["region_dilation"],
+            rho_per_train_step=kw.get("rho_per_train_step", True),
+            num_inference_steps=kw["num_inference_steps"], eta=kw["eta"], encode=kw["encode"], decode=kw["decode"],
+            device=device,
+        )  # fmt: skip
+        samples = sampler(n_samples, torch.zeros(n_samples), generator)
+        constraint = {"kind": "region", "feature": region_feature}
+    else:
+        sampler = feature_sampler(
+            kw["model"], kw["scheduler"], kw["sample_shape"], regressor, stats, guide_feature, rho=kw["rho"],
+            rho_per_train_step=kw.get("rho_per_train_step", True),
+            num_inference_steps=kw["num_inference_steps"], eta=kw["eta"], decode=kw["decode"], device=device,
+        )  # fmt: skip
+        samples = sampler(n_samples, torch.full((n_samples,), values[guide_feature]), generator)
+        constraint = {"kind": "feature", "feature": guide_feature, "value": values[guide_feature]}
+    columns = describe_samples(
+        samples, classifier, regressor, stats, features,
+        None if input_mask else guide_feature, None if input_mask else values[guide_feature], tolerance,
+    )  # fmt: skip
+    local = {f: local_score_at(report, f, v) for f, v in values.items()}
+    if region_feature is not None:
+        order = ((report.get("features") or {}).get(region_feature) or {}).get("order_feature")
+        if order in values:
+            local[region_feature] = local_score_at(report, region_feature, values[order])
+    predicted = np.array(columns["predicted_class"])
+    summary = {
+        "input": str(item["image"]),
+        "mask": str(item.get(mask_key)) if input_mask else None,
+        "constraint": constraint,
+        "input_predicted_class": int(input_probabilities.argmax()),
+        "input_probabilities": input_probabilities.tolist(),
+        "input_features": values,
+        "local_scores_at_input": local,
+        "n_samples": int(n_samples),
+        "samples_predicted_class_1": float((predicted == 1).mean()),
+        "samples_prediction_variance": float(np.var(predicted)),
+    }
+    output_dir = Path(output_dir)
+    stem = input_stem(image)
+    keys = [f"sample_{i:03d}" for i in range(n_samples)]
+    # Each sample takes the ROI's metadata so Invertd undoes the same orientation / padding it went through.
+    d = {"image": image, **{k: image.clone().copy_(samples[i].to(image.device)) for i, k in enumerate(keys)}}
+    d = Invertd(keys=keys, transform=transform, orig_keys=["image"] * len(keys), nearest_interp=False)(d)
+    SaveMapd(keys, output_dir)(d)
+    save_samples(output_dir, torch.cat([x.cpu(), samples.cpu()]), {"predicted_class": [summary[
+        "input_predicted_class"]] + columns["predicted_class"]}, f"{stem}_samples", nifti=False, csv_columns=columns,
+        first_title="input")  # fmt: skip
+    write_text_atomic(output_dir / f"{stem}_tvd.json", json.dumps(_json_ready(summary), indent=1) + "\n")
+    logger.info("ROI inference written to %s: %s", output_dir, summary)
+    return summary
+
+
 def check_target(feature: str | None, value: float | None, features: Sequence[str]) -> None:
     """Inference arguments: a feature named in ``features`` needs a value; no feature means unguided."""
     if feature is None or feature == "":
@@ -713,8 +1010,18 @@ def check_target(feature: str | None, value: float | None, features: Sequence[st
         raise InputError(f"--feature {feature} needs --value (a finite number in the feature's units)")
 
 
-def save_samples(output_dir: str | os.PathLike, images: torch.Tensor, columns: Mapping[str, list], stem: str) -> Path:
-    """Each sample as ``<stem>_<i>.nii.gz`` (identity affine, values in [-1, 1]), a PNG grid, a CSV of ``columns``."""
+def save_samples(
+    output_dir: str | os.PathLike,
+    images: torch.Tensor,
+    columns: Mapping[str, list],
+    stem: str,
+    nifti: bool = True,
+    csv_columns: Mapping[str, list] | None = None,
+    first_title: str | None = None,
+) -> Path:
+    """Each sample as ``<stem>_<i>.nii.gz`` (identity affine, values in [-1, 1]; ``nifti=False``: none), a PNG
+    grid titled by ``columns["predicted_class"]`` (``first_title``: the first image is not a sample), a CSV of
+    ``csv_columns`` (default ``columns``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -724,7 +1031,7 @@ def save_samples(output_dir: str | os.PathLike, images: torch.Tensor, columns: M
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     arrays = images.detach().float().cpu().numpy()[:, 0]
-    for i, array in enumerate(arrays):
+    for i, array in enumerate(arrays if nifti else []):
         nib.save(nib.Nifti1Image(array, np.eye(4)), str(output_dir / f"{stem}_{i:03d}.nii.gz"))
     n = len(arrays)
     cols = min(8, n)
@@ -736,7 +1043,8 @@ def save_samples(output_dir: str | os.PathLike, images: torch.Tensor, columns: M
         for i, (ax, array) in enumerate(zip(axes.flat, arrays)):
             shown = array if array.ndim == 2 else array[..., array.shape[-1] // 2]
             ax.imshow(shown.T, cmap="gray", vmin=-1, vmax=1, origin="lower")
-            ax.set_title(f"{i}: class {columns['predicted_class'][i]}", fontsize=7)
+            name = first_title if (first_title and i == 0) else str(i - (1 if first_title else 0))
+            ax.set_title(f"{name}: class {columns['predicted_class'][i]}", fontsize=7)
         fig.tight_layout()
         tmp = output_dir / f".{stem}.{os.getpid()}.partial.png"
         fig.savefig(tmp, dpi=80)
@@ -746,8 +1054,9 @@ def save_samples(output_dir: str | os.PathLike, images: torch.Tensor, columns: M
     tmp = output_dir / f".{stem}.{os.getpid()}.partial.csv"
     with open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(list(columns))
-        writer.writerows(zip(*columns.values()))
+        table = csv_columns if csv_columns is not None else columns
+        writer.writerow(list(table))
+        writer.writerows(zip(*table.values()))
     os.replace(tmp, output_dir / f"{stem}.csv")
     return output_dir / f"{stem}.png"
 

@@ -52,6 +52,39 @@ SCHEDULE = [
 ]
 
 
+# The 3D latent default at 16^3 (4 mm; the default is 32^3 at 2 mm): 12 subjects (24 ROIs), tiny networks.
+TINY_3D = [
+    ("synthetic_params", {"n": 12, "shape": [16, 16, 16], "spacing": 4.0}),
+    ("spatial_size", [16, 16, 16]),
+    ("cnn_channels", [4, 4, 4, 4]),
+    ("cnn_hidden", 8),
+    ("autoencoder_channels", [8, 8]),
+    ("autoencoder_res_blocks", 1),
+    ("autoencoder_norm_groups", 8),
+    ("diffusion_channels", [8, 8]),
+    ("diffusion_attention_levels", "[False, False]"),
+    ("diffusion_norm_groups", 8),
+    ("diffusion_head_channels", 8),
+    ("num_inference_steps", 3),
+    ("rejection_tolerance", 100.0),
+]
+SCHEDULE_3D = [
+    ("classifier_epochs", 1),
+    ("regressor_epochs", 1),
+    ("autoencoder_epochs", 1),
+    ("diffusion_epochs", 1),
+    ("classifier_batch_size", 4),
+    ("regressor_batch_size", 4),
+    ("autoencoder_batch_size", 4),
+    ("diffusion_batch_size", 4),
+    ("n_values", 2),
+    ("samples_per_value", 3),
+    ("sample_batch_size", 3),
+    ("bootstrap_resamples", 50),
+]
+FEATURES_3D = ["volume", "ventricle_volume"]
+
+
 def _arg(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -60,8 +93,21 @@ def _arg(value) -> str:
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("tvd_score")
     common = [("dataset_dir", str(root / "data")), ("bundle_root", str(root / "bundle")), *TINY]
-    args = [sys.executable, "-m", "common.pipeline", "bundles/tvd_score"]
+    args = [sys.executable, "-m", "common.pipeline", "bundles/tvd_score", "--pipeline", "pipeline_ellipses.json"]
     for key, value in [*common, *SCHEDULE]:
+        args += [f"--{key}", _arg(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, common
+
+
+@pytest.fixture(scope="module")
+def latent_pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tvd_score_3d")
+    common = [("dataset_dir", str(root / "data")), ("bundle_root", str(root / "bundle")), *TINY_3D]
+    args = [sys.executable, "-m", "common.pipeline", "bundles/tvd_score"]
+    for key, value in [*common, *SCHEDULE_3D]:
         args += [f"--{key}", _arg(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
@@ -75,12 +121,13 @@ def _config(*names) -> ConfigParser:
     return parser
 
 
-def test_the_defaults_are_the_papers():
-    evaluate = _config("train.json", "evaluate.json")
+def test_the_ellipses_preset_is_the_papers():
+    evaluate = _config("train.json", "evaluate.json", "ellipses.json")
     assert evaluate["features"] == FEATURES and evaluate["synthetic"] == "ellipses"
+    assert evaluate["region_features"] == [] and evaluate["latent"] is False
     assert evaluate["num_train_timesteps"] == 1000 and evaluate["beta_schedule"] == "linear_beta"
     assert (evaluate["beta_start"], evaluate["beta_end"]) == (0.0015, 0.0205)  # appendix C.3
-    assert evaluate["rho"] == 0.1 and evaluate["rejection_tolerance"] == 0.3  # Table 9, appendix D.1
+    assert evaluate.get_parsed_content("rho") == 0.1 and evaluate["rejection_tolerance"] == 0.3  # Table 9, D.1
     assert evaluate["samples_per_value"] == 200 and evaluate["bootstrap_resamples"] == 5000  # D.1, section 4.3
     assert evaluate["coverage_k"] == [5, 3, 1]  # Table 3
     assert evaluate.get_parsed_content("num_inference_steps") == 50 and evaluate["sampler"] == "ddim"
@@ -88,9 +135,33 @@ def test_the_defaults_are_the_papers():
     assert evaluate.get_parsed_content("num_inference_steps") == 1000  # the paper's DDPM: every step
     assert evaluate["cnn_channels"] == [32, 64, 64, 64] and evaluate["cnn_hidden"] == 64  # Table 6
     for stage in ("classifier", "regressor", "diffusion"):
-        assert _config("train.json", f"train_{stage}.json")[f"{stage}_learning_rate"] == 1e-5  # appendix C.2 / C.3
-    stages = json.loads((CONFIGS / "pipeline.json").read_text())["stages"]
+        parser = _config("train.json", f"train_{stage}.json", "ellipses.json")
+        assert parser[f"{stage}_learning_rate"] == 1e-5  # appendix C.2 / C.3
+        assert parser.get_parsed_content("sample_shape") == [1, 32, 32]
+    stages = json.loads((CONFIGS / "pipeline_ellipses.json").read_text())["stages"]
     assert [s["name"] for s in stages] == ["classifier", "regressor", "diffusion", "evaluate"]
+    assert all(s["configs"][0] == "train.json" and s["configs"][-1] == "ellipses.json" for s in stages)
+
+
+def test_the_3d_default_is_the_papers_latent_set_up():
+    evaluate = _config("train.json", "evaluate.json")
+    assert evaluate["synthetic"] == "hippocampus_roi" and evaluate["latent"] is True
+    assert evaluate["features"] == ["volume", "ventricle_volume"] and evaluate["region_features"] == ["hippocampus"]
+    assert (evaluate["intensity"], evaluate["intensity_range"]) == ("percentile", [10.0, 90.0])  # appendix C.1
+    # appendix B.4: a shallow autoencoder (x2 down-sampling to one latent channel); CPU-sized by default ...
+    assert evaluate.get_parsed_content("sample_shape") == [1, 8, 8, 8]
+    # ... and the paper's with two ResNet blocks of 32 and 64 channels: "1.2 M learnable parameters"
+    evaluate["autoencoder_channels"], evaluate["autoencoder_res_blocks"] = [32, 64], 2
+    evaluate["autoencoder_norm_groups"] = 32
+    autoencoder = evaluate.get_parsed_content("autoencoder_def", lazy=False)
+    assert abs(sum(p.numel() for p in autoencoder.parameters()) / 1e6 - 1.2) < 0.05
+    rho = evaluate.get_parsed_content("rho")  # Table 9: 0.03 for t > 400, 0.04 for t <= 400
+    assert (rho(401), rho(400)) == (0.03, 0.04)
+    assert evaluate["region_rho"] == 0.4 and evaluate["rho_per_train_step"] is True  # Table 9 (per DDPM step)
+    train = _config("train.json", "train_autoencoder.json")
+    assert train["kl_weight"] == 1e-7 and train["perceptual_weight"] == 0.0  # C.4; 1e-3 when the weights exist
+    stages = json.loads((CONFIGS / "pipeline.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["classifier", "regressor", "autoencoder", "diffusion", "evaluate"]
     assert all(s["configs"][0] == "train.json" for s in stages)
 
 
@@ -107,6 +178,32 @@ def test_every_stage_writes_its_model(pipeline):
     np.testing.assert_allclose(stats["mean"], [np.mean([i[f] for i in train]) for f in FEATURES])
     times = json.loads((root / "bundle" / "pipeline_times.json").read_text())
     assert set(times) == {"classifier", "regressor", "diffusion", "evaluate", "total"}
+
+
+def test_the_latent_pipeline_trains_every_network_and_scores_features_and_the_region(latent_pipeline):
+    root, _ = latent_pipeline
+    models = root / "bundle" / "models"
+    for name in ("classifier.pt", "regressor.pt", "autoencoder.pt", "diffusion.pt"):
+        state = torch.load(models / name, map_location="cpu", weights_only=True)
+        assert state and all(isinstance(v, torch.Tensor) for v in state.values()), name
+    scale = json.loads((models / "latent_scale.json").read_text())["scale_factor"]
+    assert math.isfinite(scale) and scale > 0
+    times = json.loads((root / "bundle" / "pipeline_times.json").read_text())
+    assert set(times) == {"classifier", "regressor", "autoencoder", "diffusion", "evaluate", "total"}
+    out = root / "bundle" / "eval"
+    report = json.loads((out / "tvd_scores.json").read_text())
+    test = load_datalist(root / "data" / "datalist.json", "test")
+    assert list(report["features"]) == [*FEATURES_3D, "hippocampus"]
+    for feature, scores in report["features"].items():
+        assert math.isfinite(scores["global_score"]) and scores["global_score"] <= 1.0, feature
+        assert scores["kept_per_value"] == [3, 3], feature
+        assert (out / f"local_scores_{feature}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    region = report["features"]["hippocampus"]
+    # the region's values are the kept items' hippocampal volumes, for the plot against the volume
+    assert region["order_feature"] == "volume"
+    assert region["values"] == [test[i]["volume"] for i in region["test_item_indices"]]
+    assert report["settings"]["latent"] is True and report["settings"]["latent_scale"] == pytest.approx(scale)
+    assert report["settings"]["rho"] == "piecewise_rho(0.03, 0.04, 400)"
 
 
 def test_evaluation_reports_both_features_with_finite_scores(pipeline):
@@ -142,7 +239,7 @@ def test_inference_writes_guided_samples_and_their_features(pipeline, tmp_path):
     overrides = [(k, v) for k, v in common if k != "rejection_tolerance"]
     bundle_runner.run_bundle(
         "tvd_score",
-        ["train.json", "inference.json"],
+        ["train.json", "inference.json", "ellipses.json"],
         *overrides,
         ("feature", "aspect_ratio"),
         ("value", 2.5),

@@ -29,6 +29,7 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
     ScaleIntensityd,
     ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
     SelectItemsd,
     Spacingd,
 )
@@ -36,7 +37,7 @@ from monai.transforms import (
 from common.errors import ImageFileError
 
 AXCODES = {2: "RA", 3: "RAS"}
-INTENSITY_MODES = ("none", "minmax", "range", "zscore")
+INTENSITY_MODES = ("none", "minmax", "range", "percentile", "zscore")
 RESIZE_MODES = ("pad_crop", "resize")
 
 
@@ -114,7 +115,8 @@ class CheckImaged(MapTransform):
 
 
 def intensity_transform(keys: KeysCollection, mode: str = "minmax", a_min=None, a_max=None, b_min=-1.0, b_max=1.0):
-    """One intensity step: ``minmax`` to [b_min, b_max], fixed ``range`` (e.g. CT HU), ``zscore`` or ``none``."""
+    """One intensity step: ``minmax`` to [b_min, b_max], fixed ``range`` (e.g. CT HU), ``percentile`` (a_min / a_max
+    are percentiles of each image, clipped outside), ``zscore`` or ``none``."""
     if mode == "none":
         return None
     if mode == "minmax":
@@ -123,6 +125,10 @@ def intensity_transform(keys: KeysCollection, mode: str = "minmax", a_min=None, 
         if a_min is None or a_max is None:
             raise ValueError("intensity mode 'range' needs a_min and a_max (e.g. CT window in HU)")
         return ScaleIntensityRanged(keys, a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=True)
+    if mode == "percentile":
+        if a_min is None or a_max is None:
+            raise ValueError("intensity mode 'percentile' needs the lower and upper percentiles (e.g. 10 and 90)")
+        return ScaleIntensityRangePercentilesd(keys, lower=a_min, upper=a_max, b_min=b_min, b_max=b_max, clip=True)
     if mode == "zscore":
         return NormalizeIntensityd(keys, nonzero=False)
     raise ValueError(f"intensity mode '{mode}' is unknown; expected one of {INTENSITY_MODES}")
@@ -152,7 +158,8 @@ def image_transforms(
         image_key: the intensity image (scaled by ``intensity``).
         map_keys: continuous images on the same grid (ground-truth effect maps), resampled linearly.
         mask_keys: label images (lesion masks, region labels), resampled with nearest neighbour.
-        intensity: ``minmax`` ([-1, 1]), ``range`` (``a_min``..``a_max`` -> [-1, 1], clipped), ``zscore``, ``none``.
+        intensity: ``minmax`` ([-1, 1]), ``range`` (``a_min``..``a_max`` -> [-1, 1], clipped), ``percentile``
+            (the image's ``a_min``-th..``a_max``-th percentiles -> [-1, 1], clipped), ``zscore``, ``none``.
         pixdim: resample to this voxel spacing first (``None``: keep the file's spacing).
         resize: ``pad_crop`` (keep resolution, centre pad/crop) or ``resize`` (interpolate to the size).
         channels: expected channel count of the image (``None``: any).

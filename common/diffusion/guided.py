@@ -58,14 +58,18 @@ Rho = float | Callable[[int], float]
 __all__ = ["guided_step", "guided_sample", "reject_off_target", "piecewise_rho", "predict_x0", "normalised_guidance"]
 
 
-def piecewise_rho(rho_above: float, rho_at_or_below: float, boundary: int = 400) -> Callable[[int], float]:
+class piecewise_rho:  # noqa: N801 (used like the function it replaced; a class so reports can print it)
     """rho(t) = ``rho_above`` for t > ``boundary``, else ``rho_at_or_below`` (paper, hippocampal volume:
     ``piecewise_rho(0.03, 0.04, 400)``)."""
 
-    def rho(t: int) -> float:
-        return float(rho_above) if t > boundary else float(rho_at_or_below)
+    def __init__(self, rho_above: float, rho_at_or_below: float, boundary: int = 400):
+        self.rho_above, self.rho_at_or_below, self.boundary = float(rho_above), float(rho_at_or_below), int(boundary)
 
-    return rho
+    def __call__(self, t: int) -> float:
+        return self.rho_above if t > self.boundary else self.rho_at_or_below
+
+    def __repr__(self) -> str:
+        return f"piecewise_rho({self.rho_above}, {self.rho_at_or_below}, {self.boundary})"
 
 
 def _rho_at(rho: Rho, t: int) -> float:
@@ -255,6 +259,7 @@ def guided_sample(
     device: str | torch.device | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
+    rho_per_train_step: bool = False,
 ) -> torch.Tensor:
     """Guided sampling from x_T ~ N(0, I) to x_0 with :func:`guided_step` at every timestep.
 
@@ -272,6 +277,9 @@ def guided_sample(
         generator: used for x_T (unless ``noise`` is given), then for each step's noise; on the sample's device.
         noise: x_T itself (its device is then used).
         device: where to sample; default: the model's parameter device, else CPU.
+        rho_per_train_step: ``rho`` is the paper's step per *training* timestep (tuned for DDPM over all T steps);
+            with fewer sampling steps each step then moves by rho(t) x (T / steps), so the total guidance of a
+            50-step DDIM run matches the 1000-step DDPM run it stands in for. False: rho per sampling step.
         Other arguments: see :func:`guided_step`.
 
     Returns:
@@ -302,6 +310,8 @@ def guided_sample(
         x = torch.randn(tuple(shape), generator=generator, device=device)
 
     timesteps = scheduler.timesteps
+    stride = scheduler.num_train_timesteps / len(timesteps) if rho_per_train_step else 1.0
+    step_rho = rho if stride == 1.0 else (lambda t: _rho_at(rho, t) * stride)
     steps = tqdm(timesteps, desc=f"guided {kind}") if progress and has_tqdm else timesteps
     with frozen(*modules_of(model, feature_fn, decode)), torch.no_grad():
         for t in steps:
@@ -312,7 +322,7 @@ def guided_sample(
                 int(t),
                 feature_fn=feature_fn,
                 target=target,
-                rho=rho,
+                rho=step_rho,
                 decode=decode,
                 region=region,
                 region_image=region_image,

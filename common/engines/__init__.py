@@ -1,5 +1,6 @@
 """Ignite trainers (``monai.engines.Trainer`` subclasses) for the multi-network methods."""
 
+from common.engines.autoencoder import AutoencoderKLTrainer
 from common.engines.batches import PrepareKeys, attach_resume, epoch_lr_scheduler, latest_checkpoint
 from common.engines.constrained import ConstrainedClassifierTrainer
 from common.engines.icam import (
@@ -13,6 +14,7 @@ from common.engines.icam import (
 from common.engines.vagan import VAGANTrainer, critic_steps_for, gradient_penalty
 
 __all__ = [
+    "AutoencoderKLTrainer",
     "ConstrainedClassifierTrainer",
     "PrepareKeys",
     "attach_resume",

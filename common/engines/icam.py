@@ -64,6 +64,7 @@ from common.losses.icam import (
     regression_loss,
     weighted_total,
 )
+from common.networks.modes import no_parameter_grads
 
 SCALAR_KEYS = (
     "generator_loss",
@@ -209,19 +210,6 @@ def feature_attribution(
             variances.append((total_sq / n_samples - mean.pow(2)).clamp_min(0).to(x.dtype))
             translations.append(first)
     return FeatureAttribution(torch.cat(means), torch.cat(variances), torch.cat(translations))
-
-
-@contextmanager
-def _frozen(*modules: nn.Module):
-    """Stop gradients into ``modules``' parameters (the adversaries during the generator step)."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 class ICAMTrainer(Trainer):
@@ -425,7 +413,7 @@ class ICAMTrainer(Trainer):
         domain_terms = self._domain_discriminator_step(x, labels, translated, random_translated)
 
         w = self.loss_weights
-        with _frozen(self.domain_discriminator, self.content_discriminator), self._autocast():
+        with no_parameter_grads(self.domain_discriminator, self.content_discriminator), self._autocast():
             fake_real_fake, fake_class = self.domain_discriminator(torch.cat([translated, random_translated]))
             content_logits = self.content_discriminator(content)
         rf_translated, rf_random = fake_real_fake.float().split(2 * n)

@@ -31,6 +31,20 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def no_parameter_grads(*modules: nn.Module | None) -> Iterator[None]:
+    """No parameter gradients inside, modes untouched: an adversary during its generator's step, whose loss
+    goes through it (and through its batch statistics, as in training) but must only update the generator."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def modules_of(*fns: Any) -> list[nn.Module]:
     """The modules behind callables: a module itself, or the owner of a bound method (``ae.decode``)."""
     modules = []

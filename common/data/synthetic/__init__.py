@@ -98,12 +98,15 @@ GENERATORS["ct_stroke"] = SyntheticDataset(
 )
 GENERATORS["hippocampus_roi"] = SyntheticDataset(
     name="hippocampus_roi",
-    description="64^3 1 mm ROIs on both hippocampi; label drawn from hippocampal volume (2 items per subject)",
-    version=1,
+    description=(
+        "64^3 1 mm ROIs on both hippocampi; label drawn from hippocampal volume, ventricle volume an independent "
+        "nuisance (2 items per subject)"
+    ),
+    version=2,
     defaults=brain.PHANTOM_DEFAULTS["hippocampus_roi"],
     make_case=brain.make_hippocampus_case,
     array_keys=("image", "mask"),
-    scalar_keys=("volume", "side"),
+    scalar_keys=("volume", "ventricle_volume", "side"),
 )
 
 

@@ -41,10 +41,17 @@ The phantoms (see :data:`PHANTOM_DEFAULTS` for every parameter):
 - ``hippocampus_roi`` (TVD score, OASIS-3 analogue): 64^3 ROIs at 1 mm centred on each hippocampus
   (the right one mirrored to look like a left one), two items per subject. The hippocampus shrinks
   by a random ``atrophy`` factor; ``mask`` is the hippocampus, ``volume`` its volume in mm^3
-  (counted from the mask). The label depends on the subject's mean hippocampal volume only:
-  P(label = 1) = sigmoid((volume_threshold - mean volume) / volume_scale), so the true dependence of
-  the label on the feature is known; ``head_scale`` (the global scaling) is recorded as a feature
-  the label does not depend on.
+  (counted from the mask). The lateral ventricles (the atrium most, the frontal horn partly) reach
+  into the ROI and grow by a random ``ventricle_growth`` drawn independently of the atrophy and the
+  label; ``ventricle_volume`` is their volume inside the ROI in mm^3 (voxels inside a ventricle
+  ellipsoid with CSF probability > 0.3). Ground truth: the label depends on the subject's mean
+  hippocampal volume only, P(label = 1) = sigmoid((volume_threshold - mean volume) / volume_scale),
+  so the true dependence of the label on the feature is known. The ventricle volume is a nuisance
+  feature the label does not depend on. It is not exactly independent of the hippocampal volume:
+  the ROI's upper border cuts through the ventricles, so the head scale and the deformation, which
+  also set the hippocampal volume, change how much of them lies inside (a larger head pushes more
+  of them out), and the two volumes correlate at about -0.2. ``head_scale`` (the global scaling) is
+  recorded too.
 """
 
 from __future__ import annotations
@@ -156,6 +163,9 @@ PHANTOM_DEFAULTS = {
         "spacing": 1.0,
         "contrast": "t1",
         "atrophy_range": [0.0, 0.45],
+        # At 0.6 the template's lateral-ventricle volume inside the ROI grows 1.75-fold (visible,
+        # within the spread of elderly ventricles) and the deformation does not fold (Jacobian > 0.07).
+        "ventricle_growth_range": [0.0, 0.6],
         "volume_threshold": 1750.0,
         "volume_scale": 80.0,
     },
@@ -583,11 +593,14 @@ def make_hippocampus_case(rng, params, label=None) -> list[tuple[dict, dict]]:
     """Both ROIs of one subject, [(arrays, fields)] for the left and the mirrored right side.
 
     Both ROIs share the subject's deformation (drawn once on the whole-brain field of view at
-    4 mm and interpolated into each ROI), head scale, atrophy and scanner. Each ROI grid is the
-    64 mm cube around the *left* hippocampus; the right ROI samples the mirrored (x -> -x)
-    coordinates, so it is stored in the left ROI's frame, as the TVD paper mirrored it.
+    4 mm and interpolated into each ROI), head scale, atrophy, ventricle growth and scanner. Each
+    ROI grid is the 64 mm cube around the *left* hippocampus; the right ROI samples the mirrored
+    (x -> -x) coordinates, so it is stored in the left ROI's frame, as the TVD paper mirrored it.
     """
     atrophy = float(rng.uniform(*params["atrophy_range"]))
+    # From a child stream (spawning does not advance ``rng``), so every other draw is the one of
+    # version 1 and the growth is independent of the atrophy and the label by construction.
+    ventricle_growth = float(rng.spawn(1)[0].uniform(*params["ventricle_growth_range"]))
     scale = float(rng.uniform(*params["scale_range"]))
     coarse_world, _, _ = make_grid({**params, "spatial_dims": 3, "spacing": 4.0})
     sigma = np.asarray(params["deform_smooth_mm"]) / 4.0
@@ -604,12 +617,29 @@ def make_hippocampus_case(rng, params, label=None) -> list[tuple[dict, dict]]:
         index = (side_world - FOV_ORIGIN.reshape(3, 1, 1, 1)) / 4.0 - 0.5
         displacement = np.stack([map_coordinates(f, index.reshape(3, -1), order=1, mode="nearest") for f in field])
         coords = centre + (side_world - centre) / scale + displacement.reshape(world.shape)
-        shrunk = atrophy_coordinates(coords, atrophy, {"ventricle_growth": 0.0, "hippocampus_shrink": 1.0})
+        # The ventricles' deformation reach ends above z = 1.2 mm, the hippocampi's below z = -2.8 mm, so
+        # the growth leaves the hippocampal coordinates (and volume) exactly as without it.
+        growth = {"ventricle_growth": ventricle_growth, "hippocampus_shrink": atrophy}
+        shrunk = atrophy_coordinates(coords, 1.0, growth)
         maps = tissue_maps(shrunk, spacing)
         image = acquire(contrast_image(maps, params["contrast"]), state, params, maps["brain"])
         hippocampus = (ellipsoid_distance(shrunk, *HIPPOCAMPI[side]) < 1.0) & (maps["gm"] > 0.3)
         volume = float(hippocampus.sum() * np.prod(spacing))
-        fields = {"side": side, "volume": volume, "atrophy": atrophy, "head_scale": scale, "affine": affine}
+        ventricles = np.zeros(hippocampus.shape, bool)
+        for ventricle in VENTRICLES:
+            ventricles |= ellipsoid_distance(shrunk, *ventricle) < 1.0
+        # The ellipsoids are coarser than the ventricles; 0.3 (like the hippocampus's grey matter)
+        # gives the same mm^3 on the 1 mm and the 2 mm template, where 0.5 loses partial volumes.
+        ventricles &= maps["csf"] > 0.3
+        fields = {
+            "side": side,
+            "volume": volume,
+            "ventricle_volume": float(ventricles.sum() * np.prod(spacing)),
+            "atrophy": atrophy,
+            "ventricle_growth": ventricle_growth,
+            "head_scale": scale,
+            "affine": affine,
+        }
         rois.append(({"image": image, "mask": hippocampus.astype(np.float32)}, fields))
     mean_volume = float(np.mean([f["volume"] for _, f in rois]))
     probability = hippocampus_label_probability(mean_volume, params)
