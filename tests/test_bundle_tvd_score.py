@@ -206,6 +206,39 @@ def test_the_latent_pipeline_trains_every_network_and_scores_features_and_the_re
     assert report["settings"]["rho"] == "piecewise_rho(0.03, 0.04, 400)"
 
 
+def test_roi_inference_keeps_the_inputs_space_and_reports_local_scores(latent_pipeline, tmp_path):
+    root, common = latent_pipeline
+    item = load_datalist(root / "data" / "datalist.json", "test")[0]
+    image, mask = nib.load(item["image"]), nib.load(item["mask"])
+    # a non-RAS, anisotropic affine: the samples must come back in exactly this space
+    scan, roi_mask = tmp_path / "roi.nii.gz", tmp_path / "roi_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:, ::-1], bundle_runner.LPS), scan)
+    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj)[:, ::-1], bundle_runner.LPS), roi_mask)
+    for name, mask_arg in (("region", str(roi_mask)), ("volume", "")):
+        out = tmp_path / name
+        bundle_runner.run_bundle(
+            "tvd_score",
+            ["train.json", "inference.json"],
+            *[(k, v) for k, v in common if k != "rejection_tolerance"],
+            ("input_image", str(scan)),
+            ("input_mask", mask_arg),
+            ("n_samples", 2),
+            ("output_dir", str(out)),
+        )
+        summary = json.loads((out / "roi_tvd.json").read_text())
+        assert summary["constraint"]["kind"] == ("region" if mask_arg else "feature")
+        assert set(summary["input_features"]) == set(FEATURES_3D)
+        # the region's local score is looked up at the ROI's hippocampal volume either way
+        assert set(summary["local_scores_at_input"]) == {*FEATURES_3D, "hippocampus"}
+        assert all(s is None or s <= 1.0 for s in summary["local_scores_at_input"].values())
+        for i in range(2):
+            sample = nib.load(out / f"roi_sample_{i:03d}.nii.gz")
+            assert sample.shape == image.shape
+            np.testing.assert_allclose(sample.affine, bundle_runner.LPS, atol=1e-5)
+        assert len(list(csv.DictReader(open(out / "roi_samples.csv")))) == 2
+        assert (out / "roi_samples.png").stat().st_size > 500
+
+
 def test_evaluation_reports_both_features_with_finite_scores(pipeline):
     root, _ = pipeline
     out = root / "bundle" / "eval"
