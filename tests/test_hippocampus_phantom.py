@@ -1,4 +1,5 @@
-"""hippocampus_roi v2: the ventricle volume is a nuisance feature that leaves the hippocampus untouched."""
+"""hippocampus_roi: the ventricle volume is a nuisance feature that leaves the hippocampus untouched (v2), and the
+atrophied hippocampal tissue becomes CSF, so the volume that decides the label shows in the image (v3)."""
 
 import numpy as np
 
@@ -17,7 +18,7 @@ def _params(**overrides) -> dict:
 
 def test_ventricle_fields_are_present_and_finite(tmp_path):
     generator = GENERATORS["hippocampus_roi"]
-    assert generator.version == 2
+    assert generator.version == 3
     assert "ventricle_volume" in generator.scalar_keys
     low, high = generator.defaults["ventricle_growth_range"]
     datalist = synthesize("hippocampus_roi", tmp_path / "hippocampus", progress=False, workers=1, n=10, **SMALL)
@@ -96,3 +97,13 @@ def test_ventricle_volume_follows_the_growth():
     assert abs(np.corrcoef(growth[::2], atrophy[::2])[0, 1]) < 0.5  # drawn apart; 20 subjects are noisy
     assert ventricle.min() > 0 and np.isfinite(ventricle).all()
     assert growth.min() < 0.15 and growth.max() > 0.45  # spread over most of the default [0, 0.6]
+
+
+def test_the_tissue_the_hippocampus_loses_becomes_csf():
+    rois = {a: brain.make_hippocampus_case(case_rng(4, 1), _params(atrophy_range=[a, a])) for a in (0.0, 0.4)}
+    (healthy, healthy_fields), (atrophied, atrophied_fields) = rois[0.0][0], rois[0.4][0]
+    assert atrophied_fields["volume"] < 0.8 * healthy_fields["volume"]
+    # where the healthy hippocampus was and the atrophied one is not, the image is darker (CSF on T1)
+    ring = (healthy["mask"] > 0) & ~(atrophied["mask"] > 0)
+    assert ring.sum() > 10
+    assert atrophied["image"][ring].mean() < healthy["image"][ring].mean() - 0.1

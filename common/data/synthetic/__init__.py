@@ -102,7 +102,7 @@ GENERATORS["hippocampus_roi"] = SyntheticDataset(
         "64^3 1 mm ROIs on both hippocampi; label drawn from hippocampal volume, ventricle volume an independent "
         "nuisance (2 items per subject)"
     ),
-    version=2,
+    version=3,
     defaults=brain.PHANTOM_DEFAULTS["hippocampus_roi"],
     make_case=brain.make_hippocampus_case,
     array_keys=("image", "mask"),

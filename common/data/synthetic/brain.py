@@ -40,7 +40,9 @@ The phantoms (see :data:`PHANTOM_DEFAULTS` for every parameter):
   of territories holding a lesion.
 - ``hippocampus_roi`` (TVD score, OASIS-3 analogue): 64^3 ROIs at 1 mm centred on each hippocampus
   (the right one mirrored to look like a left one), two items per subject. The hippocampus shrinks
-  by a random ``atrophy`` factor; ``mask`` is the hippocampus, ``volume`` its volume in mm^3
+  by a random ``atrophy`` factor and the tissue it loses becomes CSF (version 3; before, grey matter
+  around the template's hippocampus filled it and the volume was barely visible: a regressor reached
+  R^2 0.15 on 16^3 inputs, 0.85 now); ``mask`` is the hippocampus, ``volume`` its volume in mm^3
   (counted from the mask). The lateral ventricles (the atrium most, the frontal horn partly) reach
   into the ROI and grow by a random ``ventricle_growth`` drawn independently of the atrophy and the
   label; ``ventricle_volume`` is their volume inside the ROI in mm^3 (voxels inside a ventricle
@@ -92,7 +94,14 @@ VENTRICLES = [
 ]
 HIPPOCAMPI = {"L": ((-28.0, -22.0, -14.0), (6.0, 18.0, 7.0)), "R": ((28.0, -22.0, -14.0), (6.0, 18.0, 7.0))}
 ATROPHY_REACH = 1.6  # ellipsoid radii beyond which the atrophy deformation is exactly zero
-TERRITORY_NAMES = ("left anterior", "left middle", "left posterior", "right anterior", "right middle", "right posterior")
+TERRITORY_NAMES = (
+    "left anterior",
+    "left middle",
+    "left posterior",
+    "right anterior",
+    "right middle",
+    "right posterior",
+)
 TERRITORY_Y_MM = (10.0, -30.0)  # anterior: y > 10, middle: -30 < y <= 10, posterior: y <= -30
 
 _BASE = {
@@ -269,6 +278,14 @@ def subject_coordinates(rng: np.random.Generator, world: np.ndarray, spacing, pa
         displacement[2] *= 0.0  # an axial slice stays axial
     centre = BRAIN_CENTRE.reshape(3, *([1] * len(grid_shape)))
     return centre + (world - centre) / scale + displacement, scale
+
+
+@functools.lru_cache(maxsize=2)
+def template_csf_level(resolution: int = 2) -> float:
+    """The template's T1 intensity of CSF (median where the CSF probability exceeds 0.8): a constant of the
+    template, so an effect painted with it does not depend on what else a subject's image holds."""
+    maps = template(resolution)["maps"]
+    return float(np.median(maps["t1"][maps["csf"] > 0.8]))
 
 
 def tissue_maps(coords: np.ndarray, spacing) -> dict[str, np.ndarray]:
@@ -510,7 +527,9 @@ def make_lesions_case(rng, params, label):
     anatomy = contrast_image(maps, params["contrast"])
     present = []
     if label:
-        present = [*ALWAYS_PRESENT] + [r for r in LESION_REGIONS if r not in ALWAYS_PRESENT and rng.random() < params["optional_p"]]
+        present = [*ALWAYS_PRESENT] + [
+            r for r in LESION_REGIONS if r not in ALWAYS_PRESENT and rng.random() < params["optional_p"]
+        ]
         diseased, mask = lesion_effect(rng, coords, maps, anatomy, spacing, params, present)
     else:
         diseased, mask = anatomy, np.zeros(anatomy.shape, bool)
@@ -584,7 +603,16 @@ def make_stroke_case(rng, params, label):
         diseased, mask = anatomy, np.zeros(shape, bool)
     fields = {"region": regions, "stroke_class": STROKE_CLASSES[label]}
     return _finish(
-        rng, params, spacing, maps, anatomy, diseased, mask, label, fields, affine,
+        rng,
+        params,
+        spacing,
+        maps,
+        anatomy,
+        diseased,
+        mask,
+        label,
+        fields,
+        affine,
         extra={"regions": territory_map.astype(np.float32)},
     )
 
@@ -622,7 +650,17 @@ def make_hippocampus_case(rng, params, label=None) -> list[tuple[dict, dict]]:
         growth = {"ventricle_growth": ventricle_growth, "hippocampus_shrink": atrophy}
         shrunk = atrophy_coordinates(coords, 1.0, growth)
         maps = tissue_maps(shrunk, spacing)
-        image = acquire(contrast_image(maps, params["contrast"]), state, params, maps["brain"])
+        anatomy = contrast_image(maps, params["contrast"])
+        # Around the template's hippocampus there is grey matter too, so the shrinkage alone would replace
+        # grey by grey and leave the volume all but invisible. Atrophied tissue is replaced by CSF, as the
+        # widening temporal horn and fissures show it on real T1 scans: the ring the hippocampus left.
+        lost = (ellipsoid_distance(coords, *HIPPOCAMPI[side]) < 1.0) & ~(
+            ellipsoid_distance(shrunk, *HIPPOCAMPI[side]) < 1.0
+        )
+        csf_level = template_csf_level(1 if min(spacing) < 1.5 else 2)
+        weight = np.clip(_blur(lost & (maps["brain"] > 0.5), 1.0, spacing), 0.0, 1.0)
+        anatomy = anatomy * (1 - weight) + csf_level * weight
+        image = acquire(anatomy, state, params, maps["brain"])
         hippocampus = (ellipsoid_distance(shrunk, *HIPPOCAMPI[side]) < 1.0) & (maps["gm"] > 0.3)
         volume = float(hippocampus.sum() * np.prod(spacing))
         ventricles = np.zeros(hippocampus.shape, bool)
