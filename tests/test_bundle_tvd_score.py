@@ -266,6 +266,30 @@ def test_evaluation_reports_both_features_with_finite_scores(pipeline):
     assert all(f"| {f} |" in markdown for f in FEATURES) and "plain (unguided)" in markdown
 
 
+def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipeline, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import tvd_samplers
+
+    root, common = pipeline
+    # the benchmark sets the steps itself (50 DDIM, 1000 DDPM)
+    skip = ("bundle_root", "rejection_tolerance", "num_inference_steps")
+    settings = [f"{k}={_arg(v)}" for k, v in common if k not in skip]
+    settings.append("rejection_tolerance=100.0")
+    out = tmp_path / "tvd_samplers.md"
+    args = ["--bundle_root", str(root / "bundle"), "--preset", "ellipses.json", "--n_values", "1"]
+    args += ["--samples_per_value", "2", "--batch", "2", "--out", str(out)]
+    for setting in settings:
+        args += ["--set", setting]
+    assert tvd_samplers.main(args) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    speed = result["seconds_per_sample"]
+    assert speed["ddpm"] > 5 * speed["ddim"]  # 1000 against 50 network evaluations per sample
+    for sampler in ("ddim", "ddpm"):
+        assert set(result["evaluations"][sampler]["features"]) == set(FEATURES)
+    text = out.read_text()
+    assert "DDPM / DDIM time per sample" in text and all(f"| {f} |" in text for f in FEATURES)
+
+
 def test_inference_writes_guided_samples_and_their_features(pipeline, tmp_path):
     root, common = pipeline
     out = tmp_path / "out"

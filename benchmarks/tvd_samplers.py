@@ -1,0 +1,159 @@
+"""DDIM (50 steps) against the paper's DDPM (1000 steps) for the TVD score: time per guided sample and global scores.
+
+    python benchmarks/tvd_samplers.py --bundle_root runs/tvd_ell/b --preset ellipses.json \
+        --n_values 5 --samples_per_value 20 --out benchmarks/results/tvd_samplers.md
+
+Needs a trained bundle (the four training stages of ``bundles/tvd_score``). Two measurements:
+
+1. speed: one batch of ``--batch`` guided samples per sampler, drawn in this process with the bundle's own sampler
+   (``evaluate#sample_fn``) at the median test value of the first feature; seconds per sample;
+2. scores: ``evaluate.json`` run once per sampler (``--sampler ddim`` / ``ddpm``) with the same values, seed and
+   sample counts; the global score of every feature with its bootstrap standard deviation, and the difference.
+
+Writes a markdown table (with the command, machine and date) and a JSON next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "tvd_score" / "configs"
+SAMPLERS = {"ddim": 50, "ddpm": 1000}
+
+
+def _configs(preset: str | None, *names: str) -> list[str]:
+    return [str(CONFIGS / n) for n in ("train.json", *names, *([preset] if preset else []))]
+
+
+def time_per_sample(bundle_root: str, preset: str | None, batch: int, overrides: dict) -> dict[str, float]:
+    """Seconds per guided sample of each sampler, one batch drawn with the bundle's own sampler."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    result = {}
+    for sampler in SAMPLERS:
+        parser = ConfigParser()
+        parser.read_config(_configs(preset, "evaluate.json"))
+        steps = SAMPLERS[sampler]
+        parser.update({**overrides, "bundle_root": bundle_root, "sampler": sampler, "num_inference_steps": steps})
+        feature = parser["features"][0]
+        sample_fn = parser.get_parsed_content("evaluate#sample_fn")(feature)
+        values = parser.get_parsed_content("evaluate#values")[feature].values
+        target = torch.full((batch,), float(values[len(values) // 2]))
+        generator = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        sample_fn(batch, target, generator)
+        result[sampler] = (time.perf_counter() - start) / batch
+    return result
+
+
+def scores(bundle_root: str, preset: str | None, out: Path, overrides: dict) -> dict[str, dict]:
+    """``evaluate.json`` once per sampler; its report and wall time."""
+    result = {}
+    for sampler in SAMPLERS:
+        output_dir = out / sampler
+        args = [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            json.dumps(_configs(preset, "evaluate.json")),
+        ]
+        for key, value in {
+            "bundle_root": bundle_root,
+            "sampler": sampler,
+            "output_dir": str(output_dir),
+            **overrides,
+        }.items():
+            # Python literals: MONAI's command line reads JSON's false inside a list as the string 'false'
+            args += [f"--{key}", value if isinstance(value, str) else repr(value)]
+        start = time.perf_counter()
+        subprocess.run(args, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        report = json.loads((output_dir / "tvd_scores.json").read_text())
+        result[sampler] = {"wall_s": time.perf_counter() - start, "features": report["features"]}
+    return result
+
+
+def markdown(speed: dict, evaluated: dict, command: str) -> str:
+    ratio = speed["ddpm"] / speed["ddim"]
+    lines = [
+        "# TVD score: DDIM (50 steps) vs DDPM (1000 steps)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        "| sampler | steps | s per guided sample | evaluation wall time (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for sampler, steps in SAMPLERS.items():
+        lines.append(f"| {sampler} | {steps} | {speed[sampler]:.3f} | {evaluated[sampler]['wall_s']:.0f} |")
+    lines += ["", f"DDPM / DDIM time per sample: **{ratio:.1f}x** (target >= 10x).", ""]
+    lines += [
+        "| feature | global score DDIM (sd) | global score DDPM (sd) | difference (target <= 0.05) |",
+        "|---|---|---|---|",
+    ]
+    for feature in evaluated["ddim"]["features"]:
+        a, b = evaluated["ddim"]["features"][feature], evaluated["ddpm"]["features"][feature]
+        if a.get("global_score") is None or b.get("global_score") is None:
+            lines.append(f"| {feature} | {a.get('global_score')} | {b.get('global_score')} | n/a |")
+            continue
+        sd_a, sd_b = a["bootstrap_variance_global"] ** 0.5, b["bootstrap_variance_global"] ** 0.5
+        diff = abs(a["global_score"] - b["global_score"])
+        lines.append(
+            f"| {feature} | {a['global_score']:.3f} ({sd_a:.3f}) | {b['global_score']:.3f} ({sd_b:.3f}) | {diff:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle_root", required=True, help="a trained tvd_score bundle root (models/ inside)")
+    parser.add_argument("--preset", default=None, help="preset config merged last, e.g. ellipses.json")
+    parser.add_argument("--n_values", type=int, default=5)
+    parser.add_argument("--samples_per_value", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=20, help="samples in the timed batch")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="ID=JSON", help="any other config id, e.g. rho=0.2"
+    )
+    parser.add_argument("--out", default="benchmarks/results/tvd_samplers.md")
+    args = parser.parse_args(argv)
+    overrides = {
+        "n_values": args.n_values,
+        "samples_per_value": args.samples_per_value,
+        "sample_batch_size": args.samples_per_value,
+    }
+    for item in args.set:
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            try:  # Python literals too, as on MONAI's command line: "[False, True]"
+                overrides[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                overrides[key] = value
+    out = Path(args.out)
+    runs = out.parent / (out.stem + "_runs")
+    speed = time_per_sample(args.bundle_root, args.preset, args.batch, overrides)
+    evaluated = scores(args.bundle_root, args.preset, runs, overrides)
+    text = markdown(speed, evaluated, "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"seconds_per_sample": speed, "evaluations": evaluated}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
