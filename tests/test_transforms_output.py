@@ -111,3 +111,18 @@ def test_overlay_png(tmp_path, shape):
     assert not list(tmp_path.glob("*.partial*"))
     with pytest.raises(ValueError, match="differ"):
         save_overlay_png(image, amap[:5], tmp_path / "x.png")
+
+
+def test_percentile_intensity_maps_the_images_own_percentiles_to_minus_one_and_one():
+    from common.data.transforms import intensity_transform
+
+    image = torch.arange(1000.0).reshape(1, 10, 10, 10)
+    scaled = intensity_transform("image", "percentile", a_min=10, a_max=90)({"image": image})["image"]
+    low, high = np.percentile(image.numpy(), [10, 90])
+    assert float(scaled.min()) == -1.0 and float(scaled.max()) == 1.0  # clipped outside the percentiles
+    # linear in between: the median lands half-way
+    median = float(np.median(image.numpy()))
+    expected = -1.0 + 2.0 * (median - low) / (high - low)
+    assert abs(float(scaled.flatten()[int(np.argmin(np.abs(image.flatten().numpy() - median)))]) - expected) < 0.01
+    with pytest.raises(ValueError, match="percentiles"):
+        intensity_transform("image", "percentile")
