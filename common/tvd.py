@@ -49,6 +49,7 @@ from common.data.transforms import image_transforms
 from common.diffusion import feature_scores, guided_sample, plot_local_scores, sample_coverage, scores_markdown
 from common.diffusion.evaluation import ConditionalPredictions
 from common.errors import DatalistError, InputError
+from common.metrics.tvd import global_tvd_score
 from common.networks.modes import frozen, modules_of
 from common.output import write_text_atomic
 
@@ -697,6 +698,14 @@ def score_feature(
         return {**extra, "global_score": None, "local_scores": [], "values": [], "error": message}
     classes = values.classes if class_balanced else None
     scores = feature_scores(result, reference_predictions, classes, n_resamples=n_resamples, seed=seed)
+    # The other global score too (no bootstrap): with an imbalanced label the two differ, and the paper
+    # reports the class-balanced one for its brain ROIs, the plain one for the (balanced) ellipses.
+    used = scores["value_indices"]
+    groups = [result.predictions[i] for i in used]
+    other = "global_score_unbalanced" if class_balanced else "global_score_class_balanced"
+    scores[other] = float(
+        global_tvd_score(groups, reference_predictions, None if class_balanced else values.classes[used])
+    )
     if values.order_feature is not None:  # a region: the sampler's targets were item indices
         scores["values"] = values.values.tolist()
         extra["order_feature"] = values.order_feature

@@ -196,6 +196,7 @@ def test_the_latent_pipeline_trains_every_network_and_scores_features_and_the_re
     assert list(report["features"]) == [*FEATURES_3D, "hippocampus"]
     for feature, scores in report["features"].items():
         assert math.isfinite(scores["global_score"]) and scores["global_score"] <= 1.0, feature
+        assert scores["class_balanced"] is True and math.isfinite(scores["global_score_unbalanced"])  # Table 2
         assert scores["kept_per_value"] == [3, 3], feature
         assert (out / f"local_scores_{feature}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     region = report["features"]["hippocampus"]
@@ -247,6 +248,7 @@ def test_evaluation_reports_both_features_with_finite_scores(pipeline):
     assert list(report["features"]) == FEATURES
     for feature, scores in report["features"].items():
         assert math.isfinite(scores["global_score"]) and scores["global_score"] <= 1.0
+        assert scores["class_balanced"] is False and math.isfinite(scores["global_score_class_balanced"])
         assert len(scores["local_scores"]) == scores["n_values"] == 3
         assert all(math.isfinite(s) and s <= 1.0 for s in scores["local_scores"])
         assert scores["bootstrap_variance_global"] >= 0.0 and scores["bootstrap_variance_local"] >= 0.0
@@ -429,6 +431,14 @@ def test_a_feature_without_kept_samples_still_reports(tmp_path):
     assert tvd.coverage_of(_result([0, 0]), np.zeros((8, 2)), [5, 3, 1]) is None
     scores = tvd.score_feature(_result([4, 2]), values, [0, 1, 0, 1], n_resamples=10)
     assert scores["global_score"] == pytest.approx(0.0) and scores["kept_feature_mean"] == [1.0, 1.0]
+    # the other global score comes along: class-balanced here, plain when the evaluation is class-balanced
+    from common.metrics.tvd import global_tvd_score
+
+    groups = [_result([4, 2]).predictions[i] for i in (0, 1)]
+    assert scores["global_score_class_balanced"] == pytest.approx(global_tvd_score(groups, [0, 1, 0, 1], [0, 1]))
+    balanced = tvd.score_feature(_result([4, 2]), values, [0, 1, 0, 1], class_balanced=True, n_resamples=10)
+    assert balanced["global_score_unbalanced"] == pytest.approx(scores["global_score"])
+    assert balanced["global_score"] == pytest.approx(scores["global_score_class_balanced"])
     # k must stay below the number of real samples: k=5 is left out with 5 test items
     assert set(tvd.coverage_of(_result([4, 2]), np.random.default_rng(0).normal(size=(5, 2)), [5, 3, 1])) == {
         "k=3",
