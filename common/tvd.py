@@ -950,30 +950,37 @@ def roi_inference(
         input_probabilities = torch.softmax(classifier(x), dim=1)[0].cpu()
         input_features = FeatureOutputs(regressor, stats, features)(x)[0].cpu()
     values = {f: float(input_features[j]) for j, f in enumerate(features)}
+    shared = dict(
+        num_inference_steps=kw["num_inference_steps"],
+        eta=kw["eta"],
+        decode=kw["decode"],
+        device=device,
+        rho_per_train_step=kw.get("rho_per_train_step", True),
+    )
     if input_mask:
         if region_feature is None:
             raise InputError("--input_mask given but the bundle has no region feature (region_features is empty)")
         sampler = RegionSampler(
-            kw["model"], kw["scheduler"], kw["sample_shape"], [(image, data[mask_key])],
-            mode=kw["region_mode"], rho=kw["region_rho"], dilation=kw["region_dilation"],
-            rho_per_train_step=kw.get("rho_per_train_step", True),
-            num_inference_steps=kw["num_inference_steps"], eta=kw["eta"], encode=kw["encode"], decode=kw["decode"],
-            device=device,
-        )  # fmt: skip
+            kw["model"],
+            kw["scheduler"],
+            kw["sample_shape"],
+            [(image, data[mask_key])],
+            mode=kw["region_mode"],
+            rho=kw["region_rho"],
+            dilation=kw["region_dilation"],
+            encode=kw["encode"],
+            **shared,
+        )
         samples = sampler(n_samples, torch.zeros(n_samples), generator)
         constraint = {"kind": "region", "feature": region_feature}
     else:
         sampler = feature_sampler(
-            kw["model"], kw["scheduler"], kw["sample_shape"], regressor, stats, guide_feature, rho=kw["rho"],
-            rho_per_train_step=kw.get("rho_per_train_step", True),
-            num_inference_steps=kw["num_inference_steps"], eta=kw["eta"], decode=kw["decode"], device=device,
-        )  # fmt: skip
+            kw["model"], kw["scheduler"], kw["sample_shape"], regressor, stats, guide_feature, rho=kw["rho"], **shared
+        )
         samples = sampler(n_samples, torch.full((n_samples,), values[guide_feature]), generator)
         constraint = {"kind": "feature", "feature": guide_feature, "value": values[guide_feature]}
-    columns = describe_samples(
-        samples, classifier, regressor, stats, features,
-        None if input_mask else guide_feature, None if input_mask else values[guide_feature], tolerance,
-    )  # fmt: skip
+    target = (None, None) if input_mask else (guide_feature, values[guide_feature])
+    columns = describe_samples(samples, classifier, regressor, stats, features, *target, tolerance)
     local = {f: local_score_at(report, f, v) for f, v in values.items()}
     if region_feature is not None:
         order = ((report.get("features") or {}).get(region_feature) or {}).get("order_feature")
@@ -999,9 +1006,9 @@ def roi_inference(
     d = {"image": image, **{k: image.clone().copy_(samples[i].to(image.device)) for i, k in enumerate(keys)}}
     d = Invertd(keys=keys, transform=transform, orig_keys=["image"] * len(keys), nearest_interp=False)(d)
     SaveMapd(keys, output_dir)(d)
-    save_samples(output_dir, torch.cat([x.cpu(), samples.cpu()]), {"predicted_class": [summary[
-        "input_predicted_class"]] + columns["predicted_class"]}, f"{stem}_samples", nifti=False, csv_columns=columns,
-        first_title="input")  # fmt: skip
+    titles = {"predicted_class": [summary["input_predicted_class"], *columns["predicted_class"]]}
+    gallery = torch.cat([x.cpu(), samples.cpu()])
+    save_samples(output_dir, gallery, titles, f"{stem}_samples", nifti=False, csv_columns=columns, first_title="input")
     write_text_atomic(output_dir / f"{stem}_tvd.json", json.dumps(_json_ready(summary), indent=1) + "\n")
     logger.info("ROI inference written to %s: %s", output_dir, summary)
     return summary
