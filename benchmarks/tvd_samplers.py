@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the bundles' configs import the repository's common package
 CONFIGS = REPO / "bundles" / "tvd_score" / "configs"
 SAMPLERS = {"ddim": 50, "ddpm": 1000}
 
