@@ -284,8 +284,10 @@ def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipelin
         args += ["--set", setting]
     assert tvd_samplers.main(args) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    speed = result["seconds_per_sample"]
-    assert speed["ddpm"] > 5 * speed["ddim"]  # 1000 against 50 network evaluations per sample
+    assert all(t > 0 for t in result["seconds_per_sample"].values())  # the speed itself is the benchmark's job
+    for sampler, steps in (("ddim", 50), ("ddpm", 1000)):  # each evaluation ran with its own sampler and steps
+        settings = json.loads((tmp_path / "tvd_samplers_runs" / sampler / "tvd_scores.json").read_text())["settings"]
+        assert (settings["sampler"], settings["num_inference_steps"]) == (sampler, steps)
     for sampler in ("ddim", "ddpm"):
         assert set(result["evaluations"][sampler]["features"]) == set(FEATURES)
     text = out.read_text()
