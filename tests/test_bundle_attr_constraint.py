@@ -64,6 +64,24 @@ def test_training_logs_the_constraint_and_keeps_checkpoints(trained):
     assert list((root / "bundle" / "logs").glob("events.out.tfevents*"))
 
 
+def test_selection_warm_up_keeps_a_model_from_after_it(tmp_path):
+    root = tmp_path
+    common = [
+        ("dataset_dir", str(root / "data")),
+        ("synthetic_params", TINY),
+        ("bundle_root", str(root / "bundle")),
+        ("spatial_size", [32, 40]),
+        ("batch_size", 4),
+    ]
+    # patience 1 could stop at epoch 2; with the warm-up to epoch 3 neither early stopping nor the
+    # best-model checkpoint may act before it, so model.pt is the epoch-3 network
+    run_bundle(["train.json"], *common, ("max_epochs", 3), ("early_stop_patience", 1), ("selection_start_epoch", 3))
+    models = root / "bundle" / "models"
+    kept = torch.load(models / "model.pt", weights_only=True)
+    last = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)["classifier"]
+    assert kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in kept)
+
+
 @pytest.fixture(scope="module")
 def evaluated(trained):
     root, common, _ = trained

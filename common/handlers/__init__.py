@@ -1,4 +1,5 @@
-"""Ignite handlers: metric handlers over :mod:`common.metrics` and TensorBoard image logging."""
+"""Ignite handlers: metric handlers over :mod:`common.metrics`, TensorBoard image logging, model selection after a
+warm-up."""
 
 from common.handlers.images import TensorBoardAttributionMaps, TensorBoardOutputImages
 from common.handlers.metrics import (
@@ -15,6 +16,7 @@ from common.handlers.metrics import (
     TopPDice,
     TopPIoU,
 )
+from common.handlers.selection import SelectionWarmup
 
 __all__ = [
     "AUPRC",
@@ -27,6 +29,7 @@ __all__ = [
     "PerCaseMetric",
     "PointingGame",
     "PooledMetric",
+    "SelectionWarmup",
     "TopPDice",
     "TensorBoardAttributionMaps",
     "TensorBoardOutputImages",
