@@ -41,6 +41,7 @@ import torch
 from monai.handlers import from_engine
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai.transforms import Compose, EnsureTyped
+from monai.transforms.utils_morphological_ops import dilate
 from monai.utils import convert_to_tensor
 from torch import nn
 
@@ -446,14 +447,6 @@ def feature_sampler(
     )
 
 
-def _dilate(mask: torch.Tensor, voxels: int) -> torch.Tensor:
-    """Binary dilation of a (1, 1, *spatial) mask by ``voxels`` (a cube), as a max-pooling."""
-    if voxels <= 0:
-        return mask
-    pool = torch.nn.functional.max_pool3d if mask.ndim == 5 else torch.nn.functional.max_pool2d
-    return pool(mask, kernel_size=2 * voxels + 1, stride=1, padding=voxels)
-
-
 class RegionSampler:
     """``sample_fn(n, target, generator)`` of a *region* feature (the paper's "hippocampus", section 4.3): samples
     that keep one test item's region (its mask dilated by ``dilation`` voxels, paper: 2) while the rest varies.
@@ -516,7 +509,7 @@ class RegionSampler:
         image, mask = self.regions[index]
         image = convert_to_tensor(image, track_meta=False).float().unsqueeze(0).to(self.device)
         mask = (convert_to_tensor(mask, track_meta=False).float().unsqueeze(0)[:, :1] > 0.5).float().to(self.device)
-        return image, _dilate(mask, self.dilation)
+        return image, (dilate(mask, 2 * self.dilation + 1) if self.dilation > 0 else mask)
 
     def __call__(self, n: int, target: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         index = int(torch.as_tensor(target).reshape(-1)[0].round())
@@ -904,6 +897,19 @@ def read_report(path: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def check_mask_grid(image_file: str, mask_file: str) -> None:
+    """A region mask must lie on its image's voxel grid: the preprocessing resizes both to the network size, so a
+    mask of another shape would otherwise be stretched onto the image without a word."""
+    import nibabel as nib
+
+    image, mask = nib.load(image_file), nib.load(mask_file)
+    if image.shape[:3] != mask.shape[:3] or not np.allclose(image.affine, mask.affine, atol=1e-3):
+        raise InputError(
+            f"{mask_file}: mask of shape {tuple(mask.shape)} does not lie on the grid of {image_file} "
+            f"(shape {tuple(image.shape)}); expected the same shape and affine as the image"
+        )
+
+
 def roi_inference(
     input_image: str,
     input_mask: str | None,
@@ -940,6 +946,7 @@ def roi_inference(
     item = inference_items(input_image=input_image)[0]
     if input_mask:
         item[mask_key] = inference_items(input_image=input_mask)[0]["image"]
+        check_mask_grid(item["image"], item[mask_key])
     data = transform(item)
     image = data["image"]
     device = sampler_kwargs.get("device")

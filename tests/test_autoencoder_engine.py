@@ -9,30 +9,20 @@ import torch.nn.functional as F
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.handlers import from_engine
-from monai.networks.nets import AutoencoderKL, PatchDiscriminator
+from monai.networks.nets import PatchDiscriminator
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from common.engines import AutoencoderKLTrainer
 from common.engines.autoencoder import SCALAR_KEYS
 from common.losses import AutoencoderKLLoss
+from tests.toys import tiny_autoencoder_kl
 
 SIZE = (16, 16)
 
 
 def _autoencoder(spatial_dims=2):
-    return AutoencoderKL(
-        spatial_dims=spatial_dims,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 8),
-        latent_channels=1,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        attention_levels=(False, False),
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
+    return tiny_autoencoder_kl(spatial_dims, seed=None)
 
 
 def _discriminator(spatial_dims=2, num_layers_d=2):

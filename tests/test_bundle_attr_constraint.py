@@ -22,16 +22,21 @@ def run_bundle(configs, *overrides, expect_ok=True):
     return bundle_runner.run_bundle("attr_constraint", configs, *overrides, expect_ok=expect_ok)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("attr_constraint")
-    common = [
+def _tiny(root):
+    """Overrides for a tiny run in ``root`` (its own data and bundle folders)."""
+    return [
         ("dataset_dir", str(root / "data")),
         ("synthetic_params", TINY),
         ("bundle_root", str(root / "bundle")),
         ("spatial_size", [32, 40]),
         ("batch_size", 4),
     ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attr_constraint")
+    common = _tiny(root)
     models = root / "bundle" / "models"
     train = run_bundle(["train.json"], *common, ("max_epochs", 2), ("alpha_A", 10.0), ("lr_schedule", "cosine"))
     run_bundle(
@@ -66,13 +71,7 @@ def test_training_logs_the_constraint_and_keeps_checkpoints(trained):
 
 def test_selection_warm_up_keeps_a_model_from_after_it(tmp_path):
     root = tmp_path
-    common = [
-        ("dataset_dir", str(root / "data")),
-        ("synthetic_params", TINY),
-        ("bundle_root", str(root / "bundle")),
-        ("spatial_size", [32, 40]),
-        ("batch_size", 4),
-    ]
+    common = _tiny(root)
     # patience 1 could stop at epoch 2; with the warm-up to epoch 3 neither early stopping nor the
     # best-model checkpoint may act before it, so model.pt is the epoch-3 network
     run_bundle(["train.json"], *common, ("max_epochs", 3), ("early_stop_patience", 1), ("selection_start_epoch", 3))

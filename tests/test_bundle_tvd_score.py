@@ -89,30 +89,26 @@ def _arg(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tvd_score")
-    common = [("dataset_dir", str(root / "data")), ("bundle_root", str(root / "bundle")), *TINY]
-    args = [sys.executable, "-m", "common.pipeline", "bundles/tvd_score", "--pipeline", "pipeline_ellipses.json"]
-    for key, value in [*common, *SCHEDULE]:
+def _run_pipeline(root, pipeline_file, sizes, schedule):
+    """The documented pipeline command in ``root``; returns (root, the overrides every later run needs)."""
+    common = [("dataset_dir", str(root / "data")), ("bundle_root", str(root / "bundle")), *sizes]
+    args = [sys.executable, "-m", "common.pipeline", "bundles/tvd_score", "--pipeline", pipeline_file]
+    for key, value in [*common, *schedule]:
         args += [f"--{key}", _arg(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, common
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return _run_pipeline(tmp_path_factory.mktemp("tvd_score"), "pipeline_ellipses.json", TINY, SCHEDULE)
 
 
 @pytest.fixture(scope="module")
 def latent_pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tvd_score_3d")
-    common = [("dataset_dir", str(root / "data")), ("bundle_root", str(root / "bundle")), *TINY_3D]
-    args = [sys.executable, "-m", "common.pipeline", "bundles/tvd_score"]
-    for key, value in [*common, *SCHEDULE_3D]:
-        args += [f"--{key}", _arg(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root, common
+    return _run_pipeline(tmp_path_factory.mktemp("tvd_score_3d"), "pipeline.json", TINY_3D, SCHEDULE_3D)
 
 
 def _config(*names) -> ConfigParser:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.nets import AutoencoderKL
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 import common.tvd as tvd
@@ -21,7 +20,7 @@ from common.diffusion import (
     training_latent_scale,
 )
 from common.errors import InputError
-from tests.toys import tiny_diffusion_unet
+from tests.toys import tiny_autoencoder_kl, tiny_diffusion_unet
 
 T = 1000
 
@@ -32,34 +31,18 @@ def ddim(steps: int) -> DDIMScheduler:
     return scheduler
 
 
-def autoencoder(spatial_dims: int = 2) -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        spatial_dims=spatial_dims,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 8),
-        latent_channels=1,
-        num_res_blocks=1,
-        norm_num_groups=8,
-        attention_levels=(False, False),
-        with_encoder_nonlocal_attn=False,
-        with_decoder_nonlocal_attn=False,
-    )
-
-
 def test_latent_shape_halves_once_per_level_after_the_first():
     assert latent_shape([16, 16, 16], [16, 32], 1) == [1, 8, 8, 8]
     assert latent_shape([32, 32], [8, 16, 32], 3) == [3, 8, 8]
     with pytest.raises(InputError, match="divisible by 2"):
         latent_shape([15, 16], [16, 32], 1)
     # the shape the autoencoder really produces
-    z_mu, _ = autoencoder().encode(torch.zeros(2, 1, 16, 16))
+    z_mu, _ = tiny_autoencoder_kl().encode(torch.zeros(2, 1, 16, 16))
     assert list(z_mu.shape[1:]) == latent_shape([16, 16], [8, 8], 1)
 
 
 def test_noise_and_training_inferer_work_in_the_latent_space():
-    ae = autoencoder()
+    ae = tiny_autoencoder_kl()
     prepare = LatentNoisePrepareBatch(T, [1, 8, 8])
     images = torch.randn(3, 1, 16, 16)
     inputs, target, args, kwargs = prepare({"image": images})
@@ -73,7 +56,7 @@ def test_noise_and_training_inferer_work_in_the_latent_space():
 
 
 def test_scale_factor_is_one_over_the_latent_sd_and_is_reused_on_resume(tmp_path):
-    ae = autoencoder()
+    ae = tiny_autoencoder_kl()
     loader = [{"image": torch.randn(4, 1, 16, 16)} for _ in range(2)]
     torch.manual_seed(1)
     scale = latent_scale_factor(ae, loader, max_batches=2)
@@ -90,7 +73,7 @@ def test_scale_factor_is_one_over_the_latent_sd_and_is_reused_on_resume(tmp_path
 
 
 def test_latent_decoder_and_encoder_undo_the_scale():
-    ae = autoencoder().eval()
+    ae = tiny_autoencoder_kl().eval()
     x = torch.randn(2, 1, 16, 16)
     z = LatentEncoder(ae, 4.0)(x)
     torch.testing.assert_close(z, ae.encode(x)[0] * 4.0)
@@ -150,7 +133,7 @@ def test_region_guidance_pulls_the_region_towards_the_known_image():
 
 
 def test_region_replacement_in_latent_space_pins_the_encoded_region():
-    ae = autoencoder().eval()
+    ae = tiny_autoencoder_kl().eval()
     scale = 2.0
     unet = tiny_diffusion_unet(2)
     known = torch.rand(1, 16, 16) * 2 - 1
@@ -181,3 +164,17 @@ def test_local_score_lookup_interpolates_and_clamps():
     assert tvd.local_score_at(report, "volume", 2.5) == pytest.approx(0.75)
     assert tvd.local_score_at(report, "volume", 0.0) == 0.0 and tvd.local_score_at(report, "volume", 9.0) == 1.0
     assert tvd.local_score_at(report, "size", 1.0) is None
+
+
+def test_a_mask_off_the_images_grid_is_named(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    image, mask, shifted = tmp_path / "roi.nii.gz", tmp_path / "mask.nii.gz", tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), image)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 6), np.float32), np.eye(4)), mask)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), shifted)
+    tvd.check_mask_grid(str(image), str(image))
+    for bad in (mask, shifted):
+        with pytest.raises(InputError, match=f"{bad.name}.*does not lie on the grid"):
+            tvd.check_mask_grid(str(image), str(bad))

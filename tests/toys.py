@@ -29,3 +29,24 @@ def tiny_diffusion_unet(spatial_dims: int = 2):
         num_res_blocks=1,
         norm_num_groups=8,
     )
+
+
+def tiny_autoencoder_kl(spatial_dims: int = 2, seed: int | None = 0):
+    """MONAI's AutoencoderKL at the smallest size it allows (x2 down-sampling, one latent channel); ``seed=None``
+    leaves the caller's random state as it is."""
+    from monai.networks.nets import AutoencoderKL
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoencoderKL(
+        spatial_dims=spatial_dims,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 8),
+        latent_channels=1,
+        num_res_blocks=1,
+        norm_num_groups=8,
+        attention_levels=(False, False),
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
