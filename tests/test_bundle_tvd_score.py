@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from torch import nn
 import common.tvd as tvd
 from common.data import load_datalist
 from common.diffusion import ConditionalPredictions
+from common.engines import latest_checkpoint
 from common.errors import DatalistError, InputError
 from tests import bundle_runner
 from tests.bundle_runner import REPO
@@ -174,6 +176,42 @@ def test_every_stage_writes_its_model(pipeline):
     np.testing.assert_allclose(stats["mean"], [np.mean([i[f] for i in train]) for f in FEATURES])
     times = json.loads((root / "bundle" / "pipeline_times.json").read_text())
     assert set(times) == {"classifier", "regressor", "diffusion", "evaluate", "total"}
+
+
+def test_the_diffusion_model_used_for_sampling_is_the_moving_average_of_the_trained_one(pipeline):
+    root, _ = pipeline
+    models = root / "bundle" / "models"
+    sampled = torch.load(models / "diffusion.pt", map_location="cpu", weights_only=True)
+    (state_file,) = (models / "diffusion_state").glob("*.pt")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    assert sampled.keys() == state["diffusion_ema"].keys() == state["diffusion"].keys()
+    for name, weights in sampled.items():
+        torch.testing.assert_close(weights, state["diffusion_ema"][name])
+    # the average lags the online weights: after a few updates they differ
+    assert any(not torch.equal(sampled[n], state["diffusion"][n]) for n in sampled if sampled[n].is_floating_point())
+
+
+def test_diffusion_training_resumes_with_its_moving_average(pipeline, tmp_path):
+    root, common = pipeline
+    bundle = tmp_path / "bundle"
+    shutil.copytree(root / "bundle" / "models", bundle / "models")
+    (state_file,) = (bundle / "models" / "diffusion_state").glob("*.pt")
+    before = torch.load(state_file, map_location="cpu", weights_only=True)
+    overrides = dict([*common, *TINY, *SCHEDULE])
+    overrides.update(bundle_root=str(bundle), diffusion_epochs=2, resume=True)
+    stage = ["train.json", "train_diffusion.json", "ellipses.json"]
+    proc = bundle_runner.run_bundle("tvd_score", stage, *overrides.items())
+    log = proc.stdout + proc.stderr
+    assert "Epoch: 2/2" in log and "Epoch: 1/2" not in log
+    state_file = latest_checkpoint(bundle / "models" / "diffusion_state")
+    assert state_file.endswith("checkpoint_epoch=2.pt")
+    after = torch.load(state_file, map_location="cpu", weights_only=True)
+    assert after["trainer"]["epoch_length"] * 2 == after["trainer"]["iteration"]
+    sampled = torch.load(bundle / "models" / "diffusion.pt", map_location="cpu", weights_only=True)
+    moved = [n for n, w in sampled.items() if w.is_floating_point() and not torch.equal(w, before["diffusion_ema"][n])]
+    assert moved  # the average continued from the checkpoint's, with the second epoch's updates
+    for name, weights in sampled.items():
+        torch.testing.assert_close(weights, after["diffusion_ema"][name])
 
 
 def test_the_latent_pipeline_trains_every_network_and_scores_features_and_the_region(latent_pipeline):
