@@ -7,10 +7,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from common.networks import PatchGANClassifier
 from tests import bundle_runner
-from tests.bundle_runner import LPS
+from tests.bundle_runner import LPS, REPO
 
 # Tiny 2D tumour slices: 32x40 pixels, 40 cases, so a training epoch takes seconds.
 TINY = {"spatial_dims": 2, "shape": [32, 40], "n": 40}
@@ -79,6 +80,14 @@ def test_selection_warm_up_keeps_a_model_from_after_it(tmp_path):
     kept = torch.load(models / "model.pt", weights_only=True)
     last = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)["classifier"]
     assert kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in kept)
+
+
+def test_only_a_constrained_model_waits_for_its_constraint_before_model_selection():
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "attr_constraint" / "configs" / "train.json"))
+    assert parser.get_parsed_content("selection_start_epoch") == 30 < parser["max_epochs"]
+    parser["alpha_A"] = 0.0  # the unconstrained comparator: best validation accuracy from the first epoch
+    assert parser.get_parsed_content("selection_start_epoch") == 1
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,10 @@ class MapGenerator(nn.Module):
         self.output = Convolution(d, below, out_channels, kernel_size=3, act=None, norm=None, conv_only=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(s % self.divisor for s in x.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {self.divisor}")
+        # A loop and list(): TorchScript compiles neither any() over a generator nor tuple() of a shape.
+        for size in x.shape[2:]:
+            if size % self.divisor != 0:
+                raise ValueError(f"spatial size {list(x.shape[2:])} must be divisible by {self.divisor}")
         skips = []
         for level, block in enumerate(self.encoder):
             x = block(x if level == 0 else self.pool(x))
