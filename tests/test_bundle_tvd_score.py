@@ -129,6 +129,8 @@ def test_the_ellipses_preset_is_the_papers():
     assert evaluate["samples_per_value"] == 200 and evaluate["bootstrap_resamples"] == 5000  # D.1, section 4.3
     assert evaluate["coverage_k"] == [5, 3, 1]  # Table 3
     assert evaluate.get_parsed_content("num_inference_steps") == 50 and evaluate["sampler"] == "ddim"
+    # stochastic DDIM, as the paper's DDPM: with eta 0 the size guidance left adversarial pixel noise (docs)
+    assert evaluate["ddim_eta"] == 1.0
     evaluate["sampler"] = "ddpm"
     assert evaluate.get_parsed_content("num_inference_steps") == 1000  # the paper's DDPM: every step
     assert evaluate["cnn_channels"] == [32, 64, 64, 64] and evaluate["cnn_hidden"] == 64  # Table 6
