@@ -13,13 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 LPS = np.array([[-0.9, 0, 0, 10.0], [0, -1.3, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
 
 
+def cli_value(value) -> str:
+    """A config id's value as ``monai.bundle run`` reads it on the command line (JSON unless already a string)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def run_bundle(bundle: str, configs, *overrides, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """``configs`` are file names in ``bundles/<bundle>/configs`` (merged in order); overrides are (id, value)."""
     files = [str(REPO / "bundles" / bundle / "configs" / c) for c in configs]
     config_arg = files[0] if len(files) == 1 else json.dumps(files)
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
     for key, value in overrides:
-        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        args += [f"--{key}", cli_value(value)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

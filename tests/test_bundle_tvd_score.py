@@ -22,7 +22,7 @@ from common.diffusion import ConditionalPredictions
 from common.engines import latest_checkpoint
 from common.errors import DatalistError, InputError
 from tests import bundle_runner
-from tests.bundle_runner import REPO
+from tests.bundle_runner import REPO, cli_value
 
 FEATURES = ["aspect_ratio", "size"]
 CONFIGS = REPO / "bundles" / "tvd_score" / "configs"
@@ -87,16 +87,12 @@ SCHEDULE_3D = [
 FEATURES_3D = ["volume", "ventricle_volume"]
 
 
-def _arg(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def _run_pipeline(root, pipeline_file, sizes, schedule):
     """The documented pipeline command in ``root``; returns (root, the overrides every later run needs)."""
     common = [("dataset_dir", str(root / "data")), ("bundle_root", str(root / "bundle")), *sizes]
     args = [sys.executable, "-m", "common.pipeline", "bundles/tvd_score", "--pipeline", pipeline_file]
     for key, value in [*common, *schedule]:
-        args += [f"--{key}", _arg(value)]
+        args += [f"--{key}", cli_value(value)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -311,7 +307,7 @@ def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipelin
     root, common = pipeline
     # the benchmark sets the steps itself (50 DDIM, 1000 DDPM)
     skip = ("bundle_root", "rejection_tolerance", "num_inference_steps")
-    settings = [f"{k}={_arg(v)}" for k, v in common if k not in skip]
+    settings = [f"{k}={cli_value(v)}" for k, v in common if k not in skip]
     settings.append("rejection_tolerance=100.0")
     out = tmp_path / "tvd_samplers.md"
     args = ["--bundle_root", str(root / "bundle"), "--preset", "ellipses.json", "--n_values", "1"]

@@ -27,7 +27,7 @@ from common import bundle_tools
 from common.diffusion.latent import write_latent_scale
 from common.errors import InputError
 from common.tvd import write_feature_statistics
-from tests.bundle_runner import LPS, REPO
+from tests.bundle_runner import LPS, REPO, cli_value
 
 SCHEMA = REPO.parent / "shared" / "model-zoo" / "meta_schema_20240725.json"
 BUNDLES = ("vagan", "icam", "acat", "tvd_score", "attr_constraint")
@@ -81,10 +81,6 @@ CASES = {
     ),
     "attr_constraint": Case({"model.pt": "network_def"}, (37, 41), "scan_attribution.nii.gz"),
 }
-
-
-def _arg(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _parser(bundle: str, root: Path | None = None) -> ConfigParser:
@@ -243,9 +239,9 @@ def test_packaged_bundle_runs_outside_the_repository(bundle, packaged, tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     config_files = [str(extracted / "configs" / name) for name in case.configs]
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", _arg(config_files)]
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", cli_value(config_files)]
     for key, value in [("input_image", str(scan)), ("output_dir", "out"), *case.run_overrides]:
-        command += [f"--{key}", _arg(value)]
+        command += [f"--{key}", cli_value(value)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(command, cwd=elsewhere, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
