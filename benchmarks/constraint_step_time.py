@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,7 +36,10 @@ VARIANTS = [
 ]
 
 
-def step_times(spatial_dims: int, shape: list[int], batch: int, steps: int, warmup: int, device: str) -> dict:
+def step_times(
+    spatial_dims: int, shape: list[int], batch: int, steps: int, warmup: int, device: str, amp: bool = False
+) -> dict:
+    """Step times of every variant; ``amp``: the loss under bfloat16 autocast, as the trainer's ``amp`` on CUDA."""
     torch.manual_seed(0)
     x = torch.randn(batch, 1, *shape, device=device)
     y = torch.arange(batch, device=device) % 2
@@ -51,7 +55,9 @@ def step_times(spatial_dims: int, shape: list[int], batch: int, steps: int, warm
                 torch.cuda.synchronize()
             start = time.perf_counter()
             optimiser.zero_grad(set_to_none=True)
-            loss_fn(model, x, y)["loss"].backward()
+            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+                loss = loss_fn(model, x, y)["loss"]
+            loss.backward()
             optimiser.step()
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -69,20 +75,25 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only), as the trainer's amp")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "constraint_step_time.md"))
     args = parser.parse_args(argv)
     if len(args.shape) != args.spatial_dims:
         parser.error(f"--shape has {len(args.shape)} values; expected {args.spatial_dims}")
-    results = step_times(args.spatial_dims, args.shape, args.batch, args.steps, args.warmup, args.device)
+    if args.amp and args.device != "cuda":
+        parser.error("--amp needs --device cuda (bfloat16 autocast is what the trainer uses on CUDA only)")
+    results = step_times(args.spatial_dims, args.shape, args.batch, args.steps, args.warmup, args.device, args.amp)
     base = statistics.median(results["unconstrained"])
     size = "x".join(map(str, args.shape))
     lines = [
         f"### Attribution-constraint training step, PatchGAN classifier, batch {args.batch} of {size}",
         "",
         f"Command: `python benchmarks/constraint_step_time.py --spatial_dims {args.spatial_dims} "
-        f"--shape {' '.join(map(str, args.shape))} --batch {args.batch} --steps {args.steps}`  ",
+        f"--shape {' '.join(map(str, args.shape))} --batch {args.batch} --steps {args.steps} --device {args.device}"
+        f"{' --amp' if args.amp else ''}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"device {args.device}, torch {torch.__version__}  ",
+        f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}, "
+        f"{'bfloat16 autocast' if args.amp else 'float32'}, torch {torch.__version__}  ",
         f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         "",
         "| constraint | median step (s) | min (s) | ratio to unconstrained |",

@@ -41,6 +41,8 @@ def time_per_sample(bundle_root: str, preset: str | None, batch: int, overrides:
     import torch
     from monai.bundle import ConfigParser
 
+    import common.tvd
+
     result = {}
     for sampler in SAMPLERS:
         parser = ConfigParser()
@@ -51,9 +53,13 @@ def time_per_sample(bundle_root: str, preset: str | None, batch: int, overrides:
         sample_fn = parser.get_parsed_content("evaluate#sample_fn")(feature)
         values = parser.get_parsed_content("evaluate#values")[feature].values
         target = torch.full((batch,), float(values[len(values) // 2]))
-        generator = torch.Generator().manual_seed(0)
+        device = parser.get_parsed_content("device")
+        generator = common.tvd.seeded_generator(device, 0)  # the samplers draw their noise on the device
+        synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        synchronize()
         start = time.perf_counter()
         sample_fn(batch, target, generator)
+        synchronize()
         result[sampler] = (time.perf_counter() - start) / batch
     return result
 
@@ -87,13 +93,16 @@ def scores(bundle_root: str, preset: str | None, out: Path, overrides: dict) -> 
 
 
 def markdown(speed: dict, evaluated: dict, command: str) -> str:
+    import torch
+
     ratio = speed["ddpm"] / speed["ddim"]
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     lines = [
         "# TVD score: DDIM (50 steps) vs DDPM (1000 steps)",
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-        f"{os.environ.get('OMP_NUM_THREADS', 'default')}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}{gpu}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         "| sampler | steps | s per guided sample | evaluation wall time (s) |",
         "|---|---:|---:|---:|",

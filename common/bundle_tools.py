@@ -155,7 +155,8 @@ def load_network_def(parser, checkpoint_file: Path) -> nn.Module:
     network = parser.get_parsed_content("network_def", lazy=False)
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     network.load_state_dict(network_state_dict(network, checkpoint))
-    return network.eval()
+    # Some network_defs are built on @device (CUDA where present); the export and its check run on the CPU.
+    return network.to("cpu").eval()
 
 
 def example_inputs(data_format: Mapping, seed: int = 0) -> list[torch.Tensor]:
@@ -233,6 +234,7 @@ def export_torchscript(
                 meta_file=str(bundle / "configs" / "metadata.json"),
                 config_file=config_files,
                 bundle_root=str(bundle_root),
+                device="$torch.device('cpu')",  # model.ts holds CPU weights, loadable without a GPU
             )
     else:
         traced = convert_to_torchscript(network, use_trace=True, inputs=inputs)
@@ -241,7 +243,7 @@ def export_torchscript(
         save_net_with_metadata(
             traced, str(out), include_config_vals=False, meta_values=metadata, more_extra_files=extra
         )
-    difference = max_output_difference(torch.jit.load(str(out)), network, inputs)
+    difference = max_output_difference(torch.jit.load(str(out), map_location="cpu"), network, inputs)
     if not difference <= TORCHSCRIPT_TOLERANCE:
         out.unlink()
         raise RuntimeError(f"{out}: TorchScript output differs from the eager network's by {difference:.3g}")

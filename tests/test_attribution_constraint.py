@@ -146,6 +146,42 @@ def test_constrained_trainer_clips_the_gradient_norm():
     assert norms[None] > 10 * norms[1e-3]
 
 
+def _one_constrained_step(device: str, amp: bool) -> torch.Tensor:
+    """Parameter gradient of one G-constrained step of the PatchGAN classifier through the trainer."""
+    from torch.utils.data import DataLoader
+
+    from common.engines import ConstrainedClassifierTrainer
+
+    torch.manual_seed(0)
+    images = torch.randn(4, 1, 32, 32)
+    data = [{"image": images[i], "label": torch.tensor(i % 2), "mask": (images[i] > 1).float()} for i in range(4)]
+    model = PatchGANClassifier(2).to(device)
+    trainer = ConstrainedClassifierTrainer(
+        device=device,
+        max_epochs=1,
+        train_data_loader=DataLoader(data, batch_size=4),
+        network=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        loss_function=AttributionConstraintLoss(alpha=10.0, mode="supervised"),
+        amp=amp,
+    )
+    trainer.run()
+    return torch.cat([p.grad.flatten().float().cpu() for p in model.parameters()])
+
+
+def test_constrained_trainer_amp_is_ignored_on_cpu():
+    assert torch.equal(_one_constrained_step("cpu", amp=True), _one_constrained_step("cpu", amp=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 autocast runs on CUDA only")
+def test_constrained_trainer_bf16_double_backprop_matches_float32_on_cuda():
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    full = _one_constrained_step("cuda", amp=False)
+    mixed = _one_constrained_step("cuda", amp=True)
+    assert not torch.equal(full, mixed)  # autocast did run
+    assert torch.nn.functional.cosine_similarity(full, mixed, dim=0) > 0.99
+
+
 def test_epoch_lr_schedules():
     optimizer = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=1e-3)
     cosine = epoch_lr_scheduler(optimizer, "cosine", 4)

@@ -10,6 +10,8 @@ validation, checkpoints) is MONAI's.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from monai.engines import SupervisedTrainer
 from monai.utils import convert_to_tensor
@@ -19,16 +21,19 @@ class ConstrainedClassifierTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` for losses of the form ``loss_function(network, x, y, mask) -> dict``.
 
     ``mask_key`` names the batch key of lesion masks (used by the supervised constraint; absent
-    keys are passed as ``None``). AMP is not used: double backprop through autocast is fragile.
-    ``max_grad_norm`` (optional) clips the parameters' gradient norm before each step: the
+    keys are passed as ``None``). ``amp`` runs the loss (forward, attribution and its double
+    backprop) under bfloat16 autocast on CUDA and is ignored on CPU. MONAI's own ``amp`` (float16
+    with a GradScaler) is not used: the scaled loss would also scale the input gradients inside
+    the attribution loss, whose second-order terms then overflow float16; bfloat16 has float32's
+    range and needs no scaler. ``max_grad_norm`` (optional) clips the parameters' gradient norm before each step: the
     constraint can make single batches produce very large gradients.
     """
 
-    def __init__(self, *args, mask_key: str = "mask", max_grad_norm: float | None = None, **kwargs):
-        kwargs["amp"] = False
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, mask_key: str = "mask", max_grad_norm: float | None = None, amp: bool = False, **kwargs):
+        super().__init__(*args, amp=False, **kwargs)
         self.mask_key = mask_key
         self.max_grad_norm = max_grad_norm
+        self.use_bf16 = bool(amp) and torch.device(self.state.device).type == "cuda"
 
     def _iteration(self, engine, batchdata: dict) -> dict:
         if batchdata is None:
@@ -39,7 +44,8 @@ class ConstrainedClassifierTrainer(SupervisedTrainer):
             mask = convert_to_tensor(mask, track_meta=False).to(engine.state.device, non_blocking=engine.non_blocking)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        out = engine.loss_function(engine.network, images, labels, mask)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext():
+            out = engine.loss_function(engine.network, images, labels, mask)
         out["loss"].backward()
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_grad_norm)
