@@ -50,7 +50,7 @@ from common.data.transforms import image_transforms
 from common.diffusion import feature_scores, guided_sample, plot_local_scores, sample_coverage, scores_markdown
 from common.diffusion.evaluation import ConditionalPredictions
 from common.errors import DatalistError, InputError
-from common.metrics.tvd import global_tvd_score
+from common.metrics.tvd import binned_tvd_score, global_tvd_score
 from common.networks.modes import frozen, modules_of
 from common.output import write_text_atomic
 
@@ -681,6 +681,7 @@ def score_feature(
         "kept_feature_mean": [
             float(np.mean(g)) if g.size else None for g in (result.features or [np.zeros(0)] * len(result))
         ],
+        "predicted_positive_rate": positive_rate(result),
     }
     if not (result.kept > 0).any():
         message = (
@@ -725,8 +726,26 @@ def plain_sample_count(scores: Mapping[str, Mapping]) -> int:
     return max([int(s.get("kept_total", 0)) for s in scores.values()] + [1])
 
 
-def test_summary(reference: Mapping[str, np.ndarray], items: Sequence[Mapping], features: Sequence[str]) -> dict:
-    """Classifier accuracy, Var(Y) and the regressor's R^2 per feature on the real test split (paper Table 8)."""
+def positive_rate(result: ConditionalPredictions) -> float | None:
+    """Share of the kept samples the classifier assigns to class 1. Against the real test split's rate it shows
+    whether the generator draws one class too rarely, which lowers every Var(Y | V = v) and so raises the
+    scores of all features alike (a label-independent feature too)."""
+    kept = [np.asarray(p).reshape(-1) for p in result.predictions if np.asarray(p).size]
+    return float((np.concatenate(kept) == 1).mean()) if kept else None
+
+
+def test_summary(
+    reference: Mapping[str, np.ndarray],
+    items: Sequence[Mapping],
+    features: Sequence[str],
+    n_bins: int = 8,
+    class_balanced: bool = False,
+    plain: ConditionalPredictions | None = None,
+) -> dict:
+    """Classifier accuracy, Var(Y) and the regressor's R^2 per feature on the real test split (paper Table 8);
+    the TVD score of each feature from the test data alone (:func:`common.metrics.binned_tvd_score`, ``n_bins``
+    quantile bins of the true value: the reference the generated scores should approach); the positive rate
+    of the unguided samples ``plain``."""
     classes = np.asarray(reference["classes"]).reshape(-1)
     labels = np.array([item["label"] for item in items])
     predicted = np.asarray(reference["features"]).reshape(len(items), -1)
@@ -735,12 +754,26 @@ def test_summary(reference: Mapping[str, np.ndarray], items: Sequence[Mapping], 
         truth = np.array([float(item[feature]) for item in items])
         total = float(((truth - truth.mean()) ** 2).sum())
         r2[feature] = _finite_or_none(1.0 - ((truth - predicted[:, j]) ** 2).sum() / total) if total > 0 else None
+    data_scores = {}
+    for feature in features:
+        truth = [float(item[feature]) for item in items]
+        balanced = binned_tvd_score(classes, truth, n_bins, labels)["global_score"]
+        unbalanced = binned_tvd_score(classes, truth, n_bins)["global_score"]
+        data_scores[feature] = {
+            "global_score": balanced if class_balanced else unbalanced,
+            "global_score_unbalanced" if class_balanced else "global_score_class_balanced": (
+                unbalanced if class_balanced else balanced
+            ),
+            "n_bins": int(n_bins),
+        }
     return {
         "n_test": len(items),
         "classifier_accuracy": float((classes == labels).mean()),
         "prediction_variance": float(np.var(classes)),
         "predicted_positive_rate": float((classes == 1).mean()),
+        "plain_predicted_positive_rate": None if plain is None else positive_rate(plain),
         "regressor_r2": r2,
+        "data_scores": data_scores,
     }
 
 
@@ -795,6 +828,18 @@ def report_markdown(report: Mapping) -> str:
         )
         for feature, r2 in (test.get("regressor_r2") or {}).items():
             lines.append(f"- regressor R^2 of {feature}: {_number(r2)}")
+        rates = [f"real test split {_number(test.get('predicted_positive_rate'))}"]
+        rates += [f"{f} {_number(s.get('predicted_positive_rate'))}" for f, s in report["features"].items()]
+        if test.get("plain_predicted_positive_rate") is not None:
+            rates.append(f"plain (unguided) {_number(test['plain_predicted_positive_rate'])}")
+        lines.append("- share predicted as class 1: " + ", ".join(rates) + " (kept generated samples)")
+        for feature, data in (test.get("data_scores") or {}).items():
+            other = next((k for k in data if k.startswith("global_score_")), None)
+            lines.append(
+                f"- score of {feature} from the test data alone ({data['n_bins']} quantile bins of the true value, "
+                f"a lower bound): {_number(data['global_score'])}"
+                + (f" ({other[len('global_score_') :].replace('_', ' ')}: {_number(data[other])})" if other else "")
+            )
     settings = report.get("settings") or {}
     if settings:
         lines += ["", "## Settings", ""] + [f"- {k}: {v}" for k, v in settings.items()]

@@ -82,6 +82,18 @@ def test_selection_warm_up_keeps_a_model_from_after_it(tmp_path):
     assert kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in kept)
 
 
+def test_weight_averaging_validates_and_keeps_the_moving_average(tmp_path):
+    root = tmp_path
+    common = _tiny(root)
+    run_bundle(["train.json"], *common, ("max_epochs", 2), ("selection_start_epoch", 2), ("weight_averaging", True))
+    models = root / "bundle" / "models"
+    kept = torch.load(models / "model.pt", weights_only=True)
+    state = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)
+    # model.pt (epoch 2, the only selectable one) is the average, which the state keeps beside the online weights
+    assert all(torch.equal(kept[k], state["classifier_ema"][k]) for k in kept)
+    assert any(not torch.equal(kept[k], state["classifier"][k]) for k in kept if kept[k].is_floating_point())
+
+
 def test_only_a_constrained_model_waits_for_its_constraint_before_model_selection():
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / "attr_constraint" / "configs" / "train.json"))

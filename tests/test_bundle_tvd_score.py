@@ -494,6 +494,12 @@ def test_test_summary_and_network_loading(tmp_path):
     reference = {"classes": np.array([i["label"] for i in items]), "features": truth}
     summary = tvd.test_summary(reference, items, FEATURES)
     assert summary["classifier_accuracy"] == 1.0 and summary["regressor_r2"] == {"aspect_ratio": 1.0, "size": 1.0}
+    assert summary["plain_predicted_positive_rate"] is None
+    # the score from the data alone: predictions that follow the size exactly, two bins of size
+    by_size = {**reference, "classes": np.array([int(i["size"] >= 9) for i in items])}
+    data = tvd.test_summary(by_size, items, FEATURES, n_bins=2)["data_scores"]
+    assert data["size"]["global_score"] == pytest.approx(1.0) and data["aspect_ratio"]["global_score"] < 1.0
+    assert tvd.test_summary(by_size, items, FEATURES, n_bins=1)["data_scores"]["size"]["global_score"] == 0.0
     with pytest.raises(InputError, match="classifier checkpoint not found"):
         tvd.load_network(nn.Linear(2, 2), tmp_path / "classifier.pt", "classifier")
     net = nn.Linear(2, 2)

@@ -229,3 +229,21 @@ def test_aggregate_without_data_raises(metric):
     metric.reset()
     with pytest.raises(ValueError):
         metric.aggregate()
+
+
+def test_refresh_batch_norm_recomputes_the_statistics_before_validation():
+    from monai.engines import SupervisedEvaluator
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    network[1].running_mean.fill_(100.0)  # statistics that do not fit the network, as an average's inherited ones
+    images = [torch.randn(4, 1, 3, 3) * 2 + 1 for _ in range(3)]
+    loader = [{"image": x} for x in images]
+    with torch.no_grad():
+        expected = network[0](torch.cat(images)).mean(dim=(0, 2, 3))
+    for enabled in (False, True):
+        evaluator = SupervisedEvaluator(device="cpu", val_data_loader=loader, network=network)
+        handlers.RefreshBatchNorm(loader, enabled=enabled).attach(evaluator)
+        evaluator.run()
+        refreshed = torch.allclose(network[1].running_mean, expected, atol=1e-5)
+        assert refreshed == enabled

@@ -139,6 +139,35 @@ def test_pooled_global_score_is_explained_variance_fraction():
     assert 0.0 <= metrics.global_tvd_score(groups) <= 1.0
 
 
+def test_binned_score_from_data_closed_forms():
+    rng = np.random.default_rng(0)
+    v = rng.uniform(0, 1, 4000)
+    determined = metrics.binned_tvd_score((v > np.median(v)).astype(int), v, n_bins=2)
+    assert determined["global_score"] == pytest.approx(1.0)
+    assert determined["counts"] == [2000, 2000]
+    independent = metrics.binned_tvd_score(rng.integers(0, 2, v.size), v, n_bins=8)
+    assert abs(independent["global_score"]) < 0.01
+    # Y depends on V only through a threshold inside a bin: that bin keeps its variance, the score is a
+    # lower bound (here exactly 1 - share of the mixed bin's variance).
+    y = (v > 0.3).astype(int)
+    mixed = metrics.binned_tvd_score(y, v, n_bins=2)
+    low = v <= np.median(v)
+    expected = 1.0 - low.mean() * np.var(y[low]) / np.var(y)
+    assert mixed["global_score"] == pytest.approx(expected)
+
+
+def test_binned_score_class_balanced_hand_case():
+    # Bin 0 (v = 0, 1): predictions 0, 1 (variance 0.25); bin 1 (v = 2, 3): 1, 1 (variance 0).
+    # Var(Y) = 0.1875. Class 0 = items 0, 1 (bin 0 only): E = 0.25; class 1 = items 2, 3 (bin 1): E = 0.
+    result = metrics.binned_tvd_score([0, 1, 1, 1], [0, 1, 2, 3], n_bins=2, classes=[0, 0, 1, 1])
+    assert result["global_score"] == pytest.approx(1.0 - 0.125 / 0.1875)
+    plain = metrics.binned_tvd_score([0, 1, 1, 1], [0, 1, 2, 3], n_bins=2)
+    assert plain["global_score"] == pytest.approx(1.0 - 0.125 / 0.1875)  # equal class sizes per bin
+    skewed = metrics.binned_tvd_score([0, 1, 1, 1], [0, 1, 2, 3], n_bins=2, classes=[0, 1, 1, 1])
+    # class 0: item 0 (bin 0): 0.25; class 1: items 1 (bin 0), 2, 3 (bin 1): 0.25 / 3.
+    assert skewed["global_score"] == pytest.approx(1.0 - (0.25 + 0.25 / 3) / 2 / 0.1875)
+
+
 def test_invalid_inputs_raise():
     with pytest.raises(ValueError, match="one array per feature value"):
         metrics.global_tvd_score(np.array([0, 1, 1, 0]))

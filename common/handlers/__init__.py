@@ -16,7 +16,7 @@ from common.handlers.metrics import (
     TopPDice,
     TopPIoU,
 )
-from common.handlers.selection import SelectionWarmup
+from common.handlers.selection import RefreshBatchNorm, SelectionWarmup
 
 __all__ = [
     "AUPRC",
@@ -29,6 +29,7 @@ __all__ = [
     "PerCaseMetric",
     "PointingGame",
     "PooledMetric",
+    "RefreshBatchNorm",
     "SelectionWarmup",
     "TopPDice",
     "TensorBoardAttributionMaps",

@@ -35,3 +35,33 @@ class SelectionWarmup:
         epoch = engine.state.epoch
         value = engine.state.metrics[self.metric]
         engine.state.metrics[self.name] = value if epoch >= self.start_epoch else WARMUP_OFFSET + epoch
+
+
+class RefreshBatchNorm:
+    """Recompute the batch-norm statistics of the evaluator's network on ``loader`` before each validation.
+
+    A moving average of the weights (``ignite.handlers.EMAHandler``) is a network that never ran forward during
+    training, so the running means and variances it inherits from the online network do not fit its own
+    activations; stochastic weight averaging recomputes them with one pass over the training data
+    (``torch.optim.swa_utils.update_bn``), which this handler does at the evaluator's start. Why: the averaged
+    attribution-constrained classifier with inherited statistics predicted one class on every validation image.
+    ``enabled`` false makes it a no-op, so a config can list it unconditionally.
+    """
+
+    def __init__(self, loader, image_key: str = "image", enabled: bool = True):
+        self.loader = loader
+        self.image_key = image_key
+        self.enabled = bool(enabled)
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        import torch
+        from monai.utils import convert_to_tensor
+
+        device = engine.state.device
+        images = (convert_to_tensor(batch[self.image_key], track_meta=False).to(device) for batch in self.loader)
+        with torch.no_grad():
+            torch.optim.swa_utils.update_bn(images, engine.network)

@@ -249,6 +249,7 @@ def mean_sd(values) -> tuple[float, float]:
 
 # Imported last: the TVD module uses the helpers defined above.
 from .tvd import (  # noqa: E402
+    binned_tvd_score,
     coverage,
     global_tvd_score,
     local_tvd_score,
@@ -267,6 +268,7 @@ __all__ = [
     "classification_rates",
     "coverage",
     "dice",
+    "binned_tvd_score",
     "global_tvd_score",
     "hit_rate",
     "local_tvd_score",
