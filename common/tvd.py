@@ -256,6 +256,19 @@ class PredictedClass(nn.Module):
         return self.classifier(images).argmax(dim=1)
 
 
+class ReconstructedClass(nn.Module):
+    """The classifier's class of the autoencoder's reconstruction, ``classify(decode(encode(x)))``. On the real
+    test split, against the class of the image itself, it shows whether the latent space keeps what the
+    classifier uses: a latent diffusion model cannot draw samples of a class its autoencoder cannot represent."""
+
+    def __init__(self, classify: nn.Module, encode: nn.Module, decode: nn.Module):
+        super().__init__()
+        self.classify, self.encode, self.decode = classify, encode, decode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.decode(self.encode(images)))
+
+
 class FeatureOutput(nn.Module):
     """One feature from the regressor: ``regressor(x)[:, index] * sd + mean``.
 
@@ -766,12 +779,17 @@ def test_summary(
             ),
             "n_bins": int(n_bins),
         }
+    reconstructed = reference.get("reconstructed_classes")
+    if reconstructed is not None:
+        reconstructed = np.asarray(reconstructed).reshape(-1)
     return {
         "n_test": len(items),
         "classifier_accuracy": float((classes == labels).mean()),
         "prediction_variance": float(np.var(classes)),
         "predicted_positive_rate": float((classes == 1).mean()),
         "plain_predicted_positive_rate": None if plain is None else positive_rate(plain),
+        "reconstruction_predicted_positive_rate": None if reconstructed is None else float((reconstructed == 1).mean()),
+        "reconstruction_class_agreement": None if reconstructed is None else float((reconstructed == classes).mean()),
         "regressor_r2": r2,
         "data_scores": data_scores,
     }
@@ -833,6 +851,12 @@ def report_markdown(report: Mapping) -> str:
         if test.get("plain_predicted_positive_rate") is not None:
             rates.append(f"plain (unguided) {_number(test['plain_predicted_positive_rate'])}")
         lines.append("- share predicted as class 1: " + ", ".join(rates) + " (kept generated samples)")
+        if test.get("reconstruction_predicted_positive_rate") is not None:
+            lines.append(
+                "- autoencoder reconstructions of the test split: share predicted as class 1 "
+                f"{_number(test['reconstruction_predicted_positive_rate'])}, same class as the image "
+                f"{_number(test.get('reconstruction_class_agreement'))}"
+            )
         for feature, data in (test.get("data_scores") or {}).items():
             other = next((k for k in data if k.startswith("global_score_")), None)
             lines.append(

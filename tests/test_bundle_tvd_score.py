@@ -236,6 +236,12 @@ def test_the_latent_pipeline_trains_every_network_and_scores_features_and_the_re
     assert region["order_feature"] == "volume"
     assert region["values"] == [test[i]["volume"] for i in region["test_item_indices"]]
     assert report["settings"]["latent"] is True and report["settings"]["latent_scale"] == pytest.approx(scale)
+    # the checks against the real test split: the latent space's classes, the data-alone scores
+    checks = report["test"]
+    assert 0.0 <= checks["reconstruction_predicted_positive_rate"] <= 1.0
+    assert 0.0 <= checks["reconstruction_class_agreement"] <= 1.0
+    assert set(checks["data_scores"]) == set(FEATURES_3D)
+    assert "autoencoder reconstructions of the test split" in (out / "tvd_scores.md").read_text()
     assert report["settings"]["rho"] == "piecewise_rho(0.03, 0.04, 400)"
 
 
