@@ -115,6 +115,16 @@ def _config(*names) -> ConfigParser:
     return parser
 
 
+@pytest.mark.parametrize("size", [16, 32])
+def test_the_optional_discriminator_fits_the_default_roi(size):
+    # a PatchGAN of 3 stride-2 layers has nothing left to convolve on a 16^3 ROI (it failed after the warm-up)
+    parser = _config("train.json", "train_autoencoder.json")
+    parser.update({"adversarial_weight": 0.01, "spatial_size": [size] * 3, "device": "$torch.device('cpu')"})
+    discriminator = parser.get_parsed_content("discriminator")
+    with torch.no_grad():
+        assert discriminator(torch.zeros(2, 1, size, size, size))[-1].shape[0] == 2
+
+
 def test_the_ellipses_preset_is_the_papers():
     evaluate = _config("train.json", "evaluate.json", "ellipses.json")
     assert evaluate["features"] == FEATURES and evaluate["synthetic"] == "ellipses"
