@@ -15,7 +15,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.engines.precision import bf16_autocast  # noqa: E402
 from common.losses import AttributionConstraintLoss  # noqa: E402
 from common.networks import PatchGANClassifier  # noqa: E402
 
@@ -55,7 +55,7 @@ def step_times(
                 torch.cuda.synchronize()
             start = time.perf_counter()
             optimiser.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+            with bf16_autocast(amp):
                 loss = loss_fn(model, x, y)["loss"]
             loss.backward()
             optimiser.step()

@@ -10,11 +10,11 @@ validation, checkpoints) is MONAI's.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from monai.engines import SupervisedTrainer
 from monai.utils import convert_to_tensor
+
+from common.engines.precision import bf16_autocast
 
 
 class ConstrainedClassifierTrainer(SupervisedTrainer):
@@ -44,7 +44,7 @@ class ConstrainedClassifierTrainer(SupervisedTrainer):
             mask = convert_to_tensor(mask, track_meta=False).to(engine.state.device, non_blocking=engine.non_blocking)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext():
+        with bf16_autocast(self.use_bf16):
             out = engine.loss_function(engine.network, images, labels, mask)
         out["loss"].backward()
         if self.max_grad_norm:

@@ -39,7 +39,7 @@ Deviations from the original code, all deliberate:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.data.pairs import prepare_pair_batch
+from common.engines.precision import bf16_autocast
 from common.losses.icam import (
     GENERATOR_TERMS,
     ICAMLossWeights,
@@ -319,7 +320,7 @@ class ICAMTrainer(Trainer):
             self.latest["regression"] = float("nan")
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
+        return bf16_autocast(self.use_amp)
 
     def _networks(self) -> tuple[nn.Module, ...]:
         return (
