@@ -74,11 +74,12 @@ def test_selection_warm_up_keeps_a_model_from_after_it(tmp_path):
     root = tmp_path
     common = _tiny(root)
     # patience 1 could stop at epoch 2; with the warm-up to epoch 3 neither early stopping nor the
-    # best-model checkpoint may act before it, so model.pt is the epoch-3 network
+    # best-model checkpoint may act before it, so model.pt is the epoch-3 network (the default keeps the
+    # moving average of the weights, which changes every step, so an earlier epoch's would differ)
     run_bundle(["train.json"], *common, ("max_epochs", 3), ("early_stop_patience", 1), ("selection_start_epoch", 3))
     models = root / "bundle" / "models"
     kept = torch.load(models / "model.pt", weights_only=True)
-    last = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)["classifier"]
+    last = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)["classifier_ema"]
     assert kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in kept)
 
 
@@ -94,12 +95,14 @@ def test_weight_averaging_validates_and_keeps_the_moving_average(tmp_path):
     assert any(not torch.equal(kept[k], state["classifier"][k]) for k in kept if kept[k].is_floating_point())
 
 
-def test_only_a_constrained_model_waits_for_its_constraint_before_model_selection():
+def test_only_a_constrained_model_waits_for_its_constraint_and_averages_its_weights():
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / "attr_constraint" / "configs" / "train.json"))
     assert parser.get_parsed_content("selection_start_epoch") == 30 < parser["max_epochs"]
-    parser["alpha_A"] = 0.0  # the unconstrained comparator: best validation accuracy from the first epoch
+    assert parser.get_parsed_content("weight_averaging") is True
+    parser["alpha_A"] = 0.0  # the unconstrained comparator: online weights, best validation accuracy from epoch 1
     assert parser.get_parsed_content("selection_start_epoch") == 1
+    assert parser.get_parsed_content("weight_averaging") is False
 
 
 @pytest.fixture(scope="module")
