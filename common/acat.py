@@ -139,8 +139,11 @@ def training_augmentation(map_keys: Sequence[str] = (), hemisphere_flip: float =
     ]
 
 
-def acat_from_baseline(acat: nn.Module, baseline: nn.Module, checkpoint: str, device=None) -> nn.Module:
-    """``acat`` with both branches and the head initialised from the baseline's weights in ``checkpoint``."""
+def acat_from_baseline(
+    acat: nn.Module, baseline: nn.Module, checkpoint: str, device=None, gate_bias: float | None = None
+) -> nn.Module:
+    """``acat`` with both branches and the head initialised from the baseline's weights in ``checkpoint``
+    (``gate_bias``: see :meth:`common.networks.ACATClassifier.load_baseline`)."""
     if not Path(checkpoint).is_file():
         raise InputError(
             f"{checkpoint}: baseline classifier not found; expected the output of train_classifier.json "
@@ -148,8 +151,18 @@ def acat_from_baseline(acat: nn.Module, baseline: nn.Module, checkpoint: str, de
         )
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     baseline.load_state_dict(state.get("classifier", state) if isinstance(state, dict) else state)
-    acat.load_baseline(baseline)
+    acat.load_baseline(baseline, gate_bias=gate_bias)
     return acat.to(device) if device is not None else acat
+
+
+def fine_tuning_groups(acat: nn.Module, learning_rate: float, added_learning_rate: float | None = None) -> list[dict]:
+    """Optimiser parameter groups: the baseline's parameters at ``learning_rate``, the modules ACAT adds at
+    ``added_learning_rate`` (default: the same)."""
+    added = acat.added_parameters()
+    ids = {id(p) for p in added}
+    rest = [p for p in acat.parameters() if id(p) not in ids]
+    rate = learning_rate if added_learning_rate is None else added_learning_rate
+    return [{"params": rest, "lr": learning_rate}, {"params": added, "lr": rate}]
 
 
 def all_items(datalist: str, dataset_dir: str | None, num_classes: int) -> list[dict]:

@@ -6,6 +6,7 @@ from captum.attr import LayerGradCam
 from monai.networks.blocks import ResidualUnit
 from torch import nn
 
+from common.acat import fine_tuning_groups
 from common.attribution import attribute
 from common.attribution.counterfactual import (
     counterfactual_saliency,
@@ -104,6 +105,36 @@ def test_acat_without_attention_is_the_baseline():
             block.conv.bias.fill_(-1e4)  # sigmoid(-1e4) == 0
         acat.slice_attention[-1].weight.zero_()
     assert torch.allclose(acat(x, saliency), baseline(x), atol=1e-6)
+
+
+def test_closed_gates_start_next_to_the_baseline_and_still_learn():
+    torch.manual_seed(0)
+    baseline = SliceClassifier().eval()
+    x, saliency = torch.randn(2, 1, 32, 32, 3), torch.rand(2, 1, 32, 32, 3)
+    acat = ACATClassifier().load_baseline(baseline, gate_bias=-30.0).eval()
+    assert torch.allclose(acat(x, saliency), baseline(x), atol=1e-5)  # sigmoid(-30) ~ 1e-13
+    acat = ACATClassifier().load_baseline(baseline, gate_bias=-3.0).eval()
+    masks = acat.attention_masks(x, saliency)
+    assert all(
+        torch.allclose(m, torch.full_like(m, torch.sigmoid(torch.tensor(-3.0)).item()))
+        for k, m in masks.items()
+        if k != "slices"
+    )
+    assert torch.allclose(masks["slices"], torch.full_like(masks["slices"], 1 / 3))
+    acat(x, saliency).logsumexp(dim=1).sum().backward()
+    # zero-initialised gate weights still get a gradient, so the gates can open
+    assert all(block.conv.weight.grad.abs().sum() > 0 for block in [*acat.attention.values(), acat.fusion])
+    assert acat.slice_attention[-1].weight.grad.abs().sum() > 0
+
+
+def test_fine_tuning_groups_give_the_added_modules_their_own_rate():
+    acat = ACATClassifier()
+    base, added = fine_tuning_groups(acat, 1e-4, 1e-3)
+    assert (base["lr"], added["lr"]) == (1e-4, 1e-3)
+    assert len(base["params"]) + len(added["params"]) == len(list(acat.parameters()))
+    assert {id(p) for p in added["params"]} == {id(p) for p in acat.added_parameters()}
+    assert {id(p) for p in acat.saliency_cnn.parameters()} <= {id(p) for p in base["params"]}
+    assert fine_tuning_groups(acat, 1e-4)[1]["lr"] == 1e-4
 
 
 def test_attention_masks_and_gradients_reach_both_branches():

@@ -187,11 +187,19 @@ class ACATClassifier(SliceClassifier):
             nn.Linear(slice_hidden, 1),
         )
 
-    def load_baseline(self, baseline: SliceClassifier | Mapping[str, torch.Tensor]) -> ACATClassifier:
+    def load_baseline(
+        self, baseline: SliceClassifier | Mapping[str, torch.Tensor], gate_bias: float | None = None
+    ) -> ACATClassifier:
         """Initialise from a trained baseline: its CNN into both branches, its head into the head.
 
-        Accepts the baseline network or its state dict. Attention modules and the slice MLP keep
-        their initialisation. Shapes must match (strict loading).
+        Accepts the baseline network or its state dict. Shapes must match (strict loading). With
+        ``gate_bias`` None the attention modules and the slice MLP keep their random initialisation,
+        whose masks (about 0.5 everywhere) rescale the baseline's features at every attended layer, so
+        fine-tuning starts from a network that is no longer the baseline. A number instead closes the
+        gates: the attention and fusion convolutions get zero weights and that bias (every mask
+        sigmoid(gate_bias), e.g. 0.05 for -3) and the slice MLP's output layer zero weights (equal slice
+        weights, the baseline's mean), so ACAT starts next to the baseline and opens a gate only where
+        the gradient asks for it (zero-initialised weights still receive gradients).
         """
         state = baseline.state_dict() if isinstance(baseline, nn.Module) else baseline
         cnn = {k[len("cnn.") :]: v for k, v in state.items() if k.startswith("cnn.")}
@@ -200,7 +208,20 @@ class ACATClassifier(SliceClassifier):
         self.head.load_state_dict(head)
         depth = len(self.saliency_cnn.layers)
         self.saliency_cnn.load_state_dict({k: v for k, v in cnn.items() if int(k.split(".")[1]) < depth})
+        if gate_bias is not None:
+            with torch.no_grad():
+                for block in [*self.attention.values(), self.fusion]:
+                    block.conv.weight.zero_()
+                    block.conv.bias.fill_(float(gate_bias))
+                self.slice_attention[-1].weight.zero_()
+                self.slice_attention[-1].bias.zero_()
         return self
+
+    def added_parameters(self) -> list[nn.Parameter]:
+        """The parameters ACAT adds to the baseline (attention, fusion, slice MLP): fine-tuning can give them
+        their own learning rate, since at the baseline's small fine-tuning rate they barely move from their
+        initialisation."""
+        return [*self.attention.parameters(), *self.fusion.parameters(), *self.slice_attention.parameters()]
 
     def _attend(self, volume: torch.Tensor, saliency: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Modulated per-slice features (B, S, P*F) and the masks in half-slice layout."""
