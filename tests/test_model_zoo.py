@@ -304,7 +304,8 @@ def test_ckpt_export_command_line_writes_torchscript_equal_to_the_eager_network(
 
 
 def _diffusion_inputs():
-    return [torch.rand(1, 1, 8, 8, 8), torch.tensor([500])]
+    channels = _parser("tvd_score").get_parsed_content("latent_channels")
+    return [torch.rand(1, channels, 8, 8, 8), torch.tensor([500])]
 
 
 # (bundle, config id, example inputs, whether it scripts): the networks model.ts does not cover. Those that do
