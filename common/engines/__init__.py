@@ -1,5 +1,6 @@
 """Ignite trainers (``monai.engines.Trainer`` subclasses) for the multi-network methods."""
 
+from common.engines import distributed
 from common.engines.autoencoder import AutoencoderKLTrainer
 from common.engines.batches import PrepareKeys, attach_resume, epoch_lr_scheduler, latest_checkpoint
 from common.engines.constrained import ConstrainedClassifierTrainer
@@ -18,6 +19,7 @@ __all__ = [
     "ConstrainedClassifierTrainer",
     "PrepareKeys",
     "attach_resume",
+    "distributed",
     "epoch_lr_scheduler",
     "latest_checkpoint",
     "VAGANTrainer",

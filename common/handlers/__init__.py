@@ -16,12 +16,13 @@ from common.handlers.metrics import (
     TopPDice,
     TopPIoU,
 )
-from common.handlers.selection import RefreshBatchNorm, SelectionWarmup
+from common.handlers.selection import AverageBuffersAcrossProcesses, RefreshBatchNorm, SelectionWarmup
 
 __all__ = [
     "AUPRC",
     "AUROC",
     "AUROC10",
+    "AverageBuffersAcrossProcesses",
     "NCC",
     "ClassificationRate",
     "Dice",

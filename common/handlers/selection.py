@@ -65,3 +65,22 @@ class RefreshBatchNorm:
         images = (convert_to_tensor(batch[self.image_key], track_meta=False).to(device) for batch in self.loader)
         with torch.no_grad():
             torch.optim.swa_utils.update_bn(images, engine.network)
+
+
+class AverageBuffersAcrossProcesses:
+    """At the evaluator's start, average the batch-norm buffers of its network over the processes of a DDP run
+    (:func:`common.engines.distributed.average_buffers`); a no-op in a single process.
+
+    Why: every process validates on the whole validation set and must reach the same score, or early stopping and
+    the best-model choice would differ between processes (and the run would hang); the parameters are equal under
+    DDP, but each process's batch-norm statistics follow its own data shard. List it after
+    :class:`RefreshBatchNorm`, whose statistics also come from each process's shard.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from common.engines.distributed import average_buffers
+
+        average_buffers(engine.network)
