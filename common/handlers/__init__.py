@@ -1,6 +1,7 @@
 """Ignite handlers: metric handlers over :mod:`common.metrics`, TensorBoard image logging, model selection after a
 warm-up."""
 
+from common.handlers.checkpoint import AtomicCheckpointSaver
 from common.handlers.images import TensorBoardAttributionMaps, TensorBoardOutputImages
 from common.handlers.metrics import (
     AUPRC,
@@ -22,6 +23,7 @@ __all__ = [
     "AUPRC",
     "AUROC",
     "AUROC10",
+    "AtomicCheckpointSaver",
     "AverageBuffersAcrossProcesses",
     "NCC",
     "ClassificationRate",

@@ -1,0 +1,88 @@
+"""Training killed with SIGKILL resumes from its latest checkpoint (counters and optimiser state continue), and a
+kill in the middle of a checkpoint write leaves the previous checkpoint loadable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.bundle_runner import REPO, cli_value, run_bundle
+
+SLOW_CHECKPOINT = REPO / "tests" / "configs" / "slow_checkpoint.json"
+EPOCHS, BATCH = 4, 4
+
+
+def _attr_constraint(root: Path) -> list:
+    return [
+        ("dataset_dir", str(root / "data")),
+        ("synthetic_params", {"spatial_dims": 2, "shape": [32, 40], "n": 40}),
+        ("bundle_root", str(root / "bundle")),
+        ("spatial_size", [32, 40]),
+        ("batch_size", BATCH),
+        ("max_epochs", EPOCHS),
+        ("alpha_A", 10.0),
+    ]
+
+
+def _start(configs: list[str], overrides: list) -> subprocess.Popen:
+    files = [str(REPO / "bundles" / "attr_constraint" / "configs" / c) for c in configs[:1]] + configs[1:]
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
+    for key, value in overrides:
+        args += [f"--{key}", cli_value(value)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the training ended before it could be killed"
+        assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _epochs_on_disk(models: Path) -> list[int]:
+    return sorted(int(p.stem.split("=")[1]) for p in models.glob("checkpoint_epoch=*.pt"))
+
+
+def _resume_and_check(root: Path, overrides: list, killed_at: int) -> None:
+    """Resume to EPOCHS; the run restarts after epoch ``killed_at`` and ends with the counters of an unbroken run."""
+    proc = run_bundle("attr_constraint", ["train.json"], *overrides, ("resume", True))
+    log = proc.stdout + proc.stderr
+    assert f"Epoch: {killed_at + 1}/{EPOCHS}" in log and f"Epoch: {killed_at}/{EPOCHS}," not in log
+    final = torch.load(root / "bundle" / "models" / f"checkpoint_epoch={EPOCHS}.pt", weights_only=True)
+    n_train = len(json.loads((root / "data" / "datalist.json").read_text())["training"])
+    iterations = EPOCHS * (n_train // BATCH)
+    assert final["trainer"]["iteration"] == iterations
+    # Adam's per-parameter step counts carried over the kill: a fresh optimiser would count only the resumed steps
+    steps = {float(state["step"]) for state in final["optimizer"]["state"].values()}
+    assert steps == {float(iterations)}
+
+
+def test_sigkill_during_training_resumes_from_the_latest_checkpoint(tmp_path):
+    overrides = _attr_constraint(tmp_path)
+    models = tmp_path / "bundle" / "models"
+    proc = _start(["train.json"], overrides)
+    _kill_when(proc, lambda: models.is_dir() and 2 in _epochs_on_disk(models))
+    killed_at = max(_epochs_on_disk(models))
+    assert killed_at < EPOCHS
+    _resume_and_check(tmp_path, overrides, killed_at)
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    overrides = _attr_constraint(tmp_path)
+    models = tmp_path / "bundle" / "models"
+    marker = tmp_path / "writing"
+    proc = _start(["train.json", str(SLOW_CHECKPOINT)], [*overrides, ("slow_checkpoint_marker", str(marker))])
+    _kill_when(proc, marker.exists)  # the second trainer checkpoint (epoch 2) is half-written on disk
+    assert _epochs_on_disk(models) == [1]  # the half-written file never got a checkpoint's name
+    assert any(p.name.startswith("tmp") for p in models.iterdir())  # the interrupted write
+    assert torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] > 0
+    _resume_and_check(tmp_path, overrides, killed_at=1)
