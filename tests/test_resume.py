@@ -57,7 +57,12 @@ def _resume_and_check(root: Path, overrides: list, killed_at: int) -> None:
     proc = run_bundle("attr_constraint", ["train.json"], *overrides, ("resume", True))
     log = proc.stdout + proc.stderr
     assert f"Epoch: {killed_at + 1}/{EPOCHS}" in log and f"Epoch: {killed_at}/{EPOCHS}," not in log
-    final = torch.load(root / "bundle" / "models" / f"checkpoint_epoch={EPOCHS}.pt", weights_only=True)
+    models = root / "bundle" / "models"
+    # the resumed run removed its own older checkpoints once newer ones were saved (ignite's Checkpoint does not
+    # know the files of the killed run: the one it resumed from stays)
+    assert _epochs_on_disk(models) == [killed_at, EPOCHS]
+    assert (models / "model.pt").is_file()  # the best model, replaced in place, never removed
+    final = torch.load(models / f"checkpoint_epoch={EPOCHS}.pt", weights_only=True)
     n_train = len(json.loads((root / "data" / "datalist.json").read_text())["training"])
     iterations = EPOCHS * (n_train // BATCH)
     assert final["trainer"]["iteration"] == iterations

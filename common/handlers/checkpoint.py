@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 
-class _RemoveAfterSave:
+class _RemoveAfterSave(BaseSaveHandler):
     """A save handler that defers the removals ignite asks for until the next file is safely on disk.
 
     ignite's ``Checkpoint`` removes the oldest file *before* it writes the new one once ``n_saved`` files exist, so
-    with ``n_saved=1`` a kill during the write would leave no checkpoint at all."""
+    with ``n_saved=1`` a kill during the write would leave no checkpoint at all. A ``BaseSaveHandler``, or ignite
+    would not ask it to remove anything."""
 
     def __init__(self, handler):
         self.handler = handler
@@ -17,9 +19,12 @@ class _RemoveAfterSave:
 
     def __call__(self, checkpoint, filename, metadata=None):
         self.handler(checkpoint, filename, metadata)
-        for old in self.pending:
-            if old != filename:  # a fixed file name (model.pt) was just replaced in place
-                self.handler.remove(old)
+        # A fixed file name (MONAI's ``key_metric_filename``, e.g. model.pt) was just replaced in place: removing
+        # "the old one" would remove it.
+        if getattr(self.handler, "filename", None) is None:
+            for old in self.pending:
+                if old != filename:
+                    self.handler.remove(old)
         self.pending = []
 
     def remove(self, filename: str) -> None:
