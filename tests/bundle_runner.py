@@ -18,13 +18,20 @@ def cli_value(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def run_bundle(bundle: str, configs, *overrides, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """``configs`` are file names in ``bundles/<bundle>/configs`` (merged in order); overrides are (id, value)."""
-    files = [str(REPO / "bundles" / bundle / "configs" / c) for c in configs]
+def monai_bundle_run_args(bundle: str, configs, overrides) -> list[str]:
+    """``-m monai.bundle run ...`` for ``configs`` (file names in ``bundles/<bundle>/configs``, or absolute paths,
+    merged in order) and ``overrides`` ((id, value) pairs)."""
+    files = [c if Path(c).is_absolute() else str(REPO / "bundles" / bundle / "configs" / c) for c in map(str, configs)]
     config_arg = files[0] if len(files) == 1 else json.dumps(files)
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg]
+    args = ["-m", "monai.bundle", "run", "--config_file", config_arg]
     for key, value in overrides:
         args += [f"--{key}", cli_value(value)]
+    return args
+
+
+def run_bundle(bundle: str, configs, *overrides, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """``configs`` are file names in ``bundles/<bundle>/configs`` (merged in order); overrides are (id, value)."""
+    args = [sys.executable, *monai_bundle_run_args(bundle, configs, overrides)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if expect_ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

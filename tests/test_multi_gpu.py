@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from tests.bundle_runner import REPO, cli_value, run_bundle
+from tests.bundle_runner import REPO, monai_bundle_run_args, run_bundle
 
 # Merged last: every rank saves its network's parameters to bundle_root/rank<R>.pt at the end (then leaves the
 # group). Only parameters: batch-norm buffers follow each process's last batch until DDP broadcasts rank 0's.
@@ -18,11 +18,9 @@ WORLD = 2
 
 
 def torchrun(bundle: str, *overrides) -> subprocess.CompletedProcess:
-    configs = [str(REPO / "bundles" / bundle / "configs" / c) for c in ("train.json", "multi_gpu_train.json")]
+    configs = ["train.json", "multi_gpu_train.json", SAVE_RANK_WEIGHTS]
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--standalone"]
-    args += ["-m", "monai.bundle", "run", "--config_file", json.dumps([*configs, str(SAVE_RANK_WEIGHTS)])]
-    for key, value in overrides:
-        args += [f"--{key}", cli_value(value)]
+    args += monai_bundle_run_args(bundle, configs, overrides)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tests.bundle_runner import REPO, cli_value, run_bundle
+from tests.bundle_runner import REPO, monai_bundle_run_args, run_bundle
 
 SLOW_CHECKPOINT = REPO / "tests" / "configs" / "slow_checkpoint.json"
 EPOCHS, BATCH = 4, 4
@@ -30,10 +30,7 @@ def _attr_constraint(root: Path) -> list:
 
 
 def _start(configs: list[str], overrides: list) -> subprocess.Popen:
-    files = [str(REPO / "bundles" / "attr_constraint" / "configs" / c) for c in configs[:1]] + configs[1:]
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
-    for key, value in overrides:
-        args += [f"--{key}", cli_value(value)]
+    args = [sys.executable, *monai_bundle_run_args("attr_constraint", configs, overrides)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

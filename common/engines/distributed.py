@@ -12,9 +12,9 @@ the replicas stay equal. The rest of the run follows three rules, so that every 
 - work with side effects on shared disk (generating the synthetic data set) runs on rank 0 first
   (:func:`main_process_first`).
 
-Backend NCCL on CUDA, Gloo on the CPU. Double backprop (the attribution constraint, WGAN-GP) goes through DDP: the
-input gradient is taken with ``torch.autograd.grad`` (no parameter hooks fire) and the one ``loss.backward()``
-all-reduces the parameters' gradients, second-order terms included.
+Backend NCCL on CUDA, Gloo on the CPU. The attribution constraint's double backprop goes through DDP: the input
+gradient is taken with ``torch.autograd.grad`` (no parameter hooks fire) and the one ``loss.backward()``
+all-reduces the parameters' gradients, second-order terms included (tests/test_multi_gpu.py).
 """
 
 from __future__ import annotations
