@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -20,102 +19,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigParser, download, download_large_files, load, verify_metadata, verify_net_in_out
+from monai.bundle import download, download_large_files, load, verify_metadata, verify_net_in_out
 from monai.networks import convert_to_torchscript
 
 from common import bundle_tools
-from common.diffusion.latent import write_latent_scale
 from common.errors import InputError
-from common.tvd import write_feature_statistics
 from tests.bundle_runner import LPS, REPO, cli_value
+from tests.untrained import CASES, bundle_parser, write_untrained_bundle
 
 SCHEMA = REPO.parent / "shared" / "model-zoo" / "meta_schema_20240725.json"
 BUNDLES = ("vagan", "icam", "acat", "tvd_score", "attr_constraint")
 
 
-@dataclass
-class Case:
-    """How a bundle's inference is run: its configs, its checkpoints (file -> config id, or -> {key: config id}
-    for a checkpoint of several networks), a scan shape, the map it writes for ``scan.nii.gz``, shortening ids."""
-
-    checkpoints: dict
-    scan_shape: tuple
-    output: str
-    configs: list = field(default_factory=lambda: ["inference.json"])
-    run_overrides: list = field(default_factory=list)
-
-
-CASES = {
-    "vagan": Case({"model.pt": "network_def"}, (37, 41), "scan_effect.nii.gz"),
-    "icam": Case(
-        {
-            "model.pt": {
-                "content_encoder": "content_encoder_def",
-                "attribute_encoder": "attribute_encoder_def",
-                "generator": "generator_def",
-                "classifier": "classifier_def",
-            }
-        },
-        (37, 41),
-        "scan_fa_mean.nii.gz",
-        # an untrained classifier is never confident: accept any sampled latent after a few draws
-        run_overrides=[("n_samples", 2), ("fallback_thresholds", [0.0]), ("sample_max_draws", 20)],
-    ),
-    "acat": Case(
-        {"model.pt": "network_def", "classifier.pt": "baseline", "autoencoder.pt": "autoencoder"},
-        (37, 41, 5),
-        "scan_saliency.nii.gz",
-        run_overrides=[("cf_steps", 2)],
-    ),
-    "tvd_score": Case(
-        {
-            "classifier.pt": "classifier_def",
-            "regressor.pt": "regressor_def",
-            "autoencoder.pt": "autoencoder_def",
-            "diffusion.pt": "diffusion_def",
-        },
-        (20, 18, 22),
-        "scan_sample_000.nii.gz",
-        configs=["train.json", "inference.json"],
-        run_overrides=[("n_samples", 2), ("num_inference_steps", 2)],
-    ),
-    "attr_constraint": Case({"model.pt": "network_def"}, (37, 41), "scan_attribution.nii.gz"),
-}
-
-
-def _parser(bundle: str, root: Path | None = None) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles" / bundle / "configs" / name) for name in CASES[bundle].configs])
-    if root is not None:
-        parser["bundle_root"] = str(root)
-    return parser
-
-
 def _metadata(bundle: str) -> dict:
     return json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
-
-
-def write_untrained_bundle(bundle: str, root: Path) -> None:
-    """What training leaves under bundle_root, with untrained networks: every checkpoint the inference config
-    loads, and the small JSON files it reads (thresholds, feature statistics, latent scale, TVD report)."""
-    torch.manual_seed(0)
-    parser = _parser(bundle)
-    models = root / "models"
-    models.mkdir(parents=True)
-    for name, ids in CASES[bundle].checkpoints.items():
-        if isinstance(ids, dict):
-            state = {key: parser.get_parsed_content(net_id).state_dict() for key, net_id in ids.items()}
-        else:
-            state = parser.get_parsed_content(ids).state_dict()
-        torch.save(state, models / name)
-    if bundle == "attr_constraint":
-        (models / "thresholds.json").write_text(json.dumps({"G": 0.0}))
-    if bundle == "tvd_score":
-        items = [{"volume": 1500.0, "ventricle_volume": 2000.0}, {"volume": 1900.0, "ventricle_volume": 2600.0}]
-        write_feature_statistics(models / "regressor_stats.json", items, parser["features"])
-        write_latent_scale(models / "latent_scale.json", 1.0)
-        (root / "eval").mkdir()
-        (root / "eval" / "tvd_scores.json").write_text(json.dumps({"features": {}, "settings": {}}))
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +144,7 @@ def test_packaged_bundle_runs_outside_the_repository(bundle, packaged, tmp_path)
     if "model.pt" in case.checkpoints:  # MONAI's convention: network_def's weights, exported as model.ts
         assert report.export.method == ("trace" if bundle == "acat" else "script")  # as the bundles' docs say
         torchscript = torch.jit.load(str(extracted / "models" / "model.ts"))
-        eager = bundle_tools.load_network_def(_parser(bundle, trained), trained / "models" / "model.pt")
+        eager = bundle_tools.load_network_def(bundle_parser(bundle, trained), trained / "models" / "model.pt")
         inputs = bundle_tools.example_inputs(_metadata(bundle)["network_data_format"], seed=1)
         assert bundle_tools.max_output_difference(torchscript, eager, inputs) <= 1e-5
     else:
@@ -279,7 +196,7 @@ def test_monai_downloads_and_loads_a_packaged_zip(packaged, tmp_path):
     scripted, meta, _ = load(name="vagan", bundle_dir=str(tmp_path), load_ts_module=True, device="cpu")
     assert meta["version"] == _metadata("vagan")["version"]
     eager = load(name="vagan", bundle_dir=str(tmp_path), workflow_type="inference", device="cpu").eval()
-    reference = bundle_tools.load_network_def(_parser("vagan", trained), trained / "models" / "model.pt")
+    reference = bundle_tools.load_network_def(bundle_parser("vagan", trained), trained / "models" / "model.pt")
     x = torch.rand(1, 1, 112, 112)
     with torch.no_grad():
         torch.testing.assert_close(eager(x), reference(x), atol=1e-6, rtol=0)
@@ -298,13 +215,13 @@ def test_ckpt_export_command_line_writes_torchscript_equal_to_the_eager_network(
         command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    eager = bundle_tools.load_network_def(_parser("vagan", trained), trained / "models" / "model.pt")
+    eager = bundle_tools.load_network_def(bundle_parser("vagan", trained), trained / "models" / "model.pt")
     inputs = bundle_tools.example_inputs(_metadata("vagan")["network_data_format"], seed=2)
     assert bundle_tools.max_output_difference(torch.jit.load(str(tmp_path / "model.ts")), eager, inputs) <= 1e-5
 
 
 def _diffusion_inputs():
-    channels = _parser("tvd_score").get_parsed_content("latent_channels")
+    channels = bundle_parser("tvd_score").get_parsed_content("latent_channels")
     return [torch.rand(1, channels, 8, 8, 8), torch.tensor([500])]
 
 
@@ -322,7 +239,7 @@ OTHER_NETWORKS = [
 @pytest.mark.parametrize(("bundle", "net_id", "make_inputs", "scripts"), OTHER_NETWORKS)
 def test_torchscript_of_the_other_networks_equals_eager(bundle, net_id, make_inputs, scripts):
     torch.manual_seed(0)
-    network = _parser(bundle).get_parsed_content(net_id).eval()
+    network = bundle_parser(bundle).get_parsed_content(net_id).eval()
     inputs = make_inputs()
     assert (bundle_tools.scripting_error(network) is None) == scripts
     converted = convert_to_torchscript(network, use_trace=not scripts, inputs=inputs)

@@ -72,7 +72,11 @@ def test_masks_and_maps_follow_the_image(tmp_path):
 @pytest.mark.parametrize(
     "array,kwargs,message",
     [
-        (np.zeros((8, 8, 8, 2), np.float32), {"spatial_dims": 3}, "has 2 channels; expected 1"),
+        (
+            np.zeros((8, 8, 8, 2), np.float32),
+            {"spatial_dims": 3},
+            "has 2 channels (shape (2, 8, 8, 8) channel-first); expected 1",
+        ),
         (np.zeros((8, 8), np.float32), {"spatial_dims": 3}, "2 spatial dimensions"),
         (np.full((8, 8, 8), np.nan, np.float32), {"spatial_dims": 3}, "NaN or Inf"),
         (np.zeros((8, 8, 8), np.float32), {"spatial_dims": 3, "min_size": 16}, "smaller than the network minimum"),

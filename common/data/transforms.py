@@ -66,8 +66,11 @@ class LoadImageCheckedd(LoadImaged):
         except Exception as err:
             files = [str(data.get(key)) for key in self.keys if key in data]
             first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            # nibabel ends a short read with "from <file name>", empty for a gzip stream
+            first_line = first_line.removesuffix(" from ").rstrip()
+            problem = "truncated or corrupt voxel data" if "bytes" in first_line else "cannot read image"
             raise ImageFileError(
-                f"{', '.join(files)}: cannot read image ({first_line}); expected a readable NIfTI file"
+                f"{', '.join(files)}: {problem} ({first_line}); expected a readable NIfTI file"
             ) from err
 
 
@@ -104,7 +107,11 @@ class CheckImaged(MapTransform):
                     f"expected a {self.spatial_dims}D image"
                 )
             if self.channels is not None and image.shape[0] != self.channels:
-                raise ImageFileError(f"{name}: image has {image.shape[0]} channels; expected {self.channels}")
+                # a 4D NIfTI (a series, or stacked modalities) loads with its last axis as channels
+                raise ImageFileError(
+                    f"{name}: image has {image.shape[0]} channels (shape {tuple(image.shape)} channel-first); "
+                    f"expected {self.channels} (a single {self.spatial_dims}D image per file)"
+                )
             if self.min_size is not None and any(s < m for s, m in zip(spatial, self.min_size)):
                 raise ImageFileError(
                     f"{name}: image size {spatial} is smaller than the network minimum {tuple(self.min_size.tolist())}"
@@ -132,6 +139,17 @@ def intensity_transform(keys: KeysCollection, mode: str = "minmax", a_min=None, 
     if mode == "zscore":
         return NormalizeIntensityd(keys, nonzero=False)
     raise ValueError(f"intensity mode '{mode}' is unknown; expected one of {INTENSITY_MODES}")
+
+
+def _size_bound(min_size, spatial_size):
+    """The part of ``min_size`` an image must meet before ``spatial_size`` pads or resizes it (``None``: none)."""
+    if min_size is None or spatial_size is None:
+        return min_size
+    kept = [size is None or size <= 0 for size in spatial_size]
+    if not any(kept):
+        return None
+    bound = np.broadcast_to(np.asarray(min_size), (len(spatial_size),))
+    return [int(m) if keep else 0 for m, keep in zip(bound, kept)]
 
 
 def image_transforms(
@@ -163,7 +181,9 @@ def image_transforms(
         pixdim: resample to this voxel spacing first (``None``: keep the file's spacing).
         resize: ``pad_crop`` (keep resolution, centre pad/crop) or ``resize`` (interpolate to the size).
         channels: expected channel count of the image (``None``: any).
-        min_size: smallest spatial size the network accepts.
+        min_size: smallest spatial size the network accepts; it binds only the axes that keep the image's own
+            size (``spatial_size`` ``None``, or -1 on that axis), since the others are padded or resized to
+            ``spatial_size``.
         keep: if given, only these keys (besides the images) stay in each item, so datalist items
             with different optional fields (e.g. ``offset`` on patients only) still batch together.
     """
@@ -178,7 +198,9 @@ def image_transforms(
     steps = [
         LoadImageCheckedd(all_keys, reader="NibabelReader", image_only=True, allow_missing_keys=miss),
         EnsureChannelFirstd(all_keys, allow_missing_keys=miss),
-        CheckImaged(image_key, spatial_dims=spatial_dims, channels=channels, min_size=min_size),
+        CheckImaged(
+            image_key, spatial_dims=spatial_dims, channels=channels, min_size=_size_bound(min_size, spatial_size)
+        ),
         EnsureTyped(all_keys, dtype=torch.float32, allow_missing_keys=miss),
         Orientationd(all_keys, axcodes=AXCODES[spatial_dims], labels=None, allow_missing_keys=miss),
     ]

@@ -3,6 +3,7 @@ warm-up."""
 
 from common.handlers.checkpoint import AtomicCheckpointSaver
 from common.handlers.images import TensorBoardAttributionMaps, TensorBoardOutputImages
+from common.handlers.inputs import ReportSkippedInputs
 from common.handlers.metrics import (
     AUPRC,
     AUROC,
@@ -33,6 +34,7 @@ __all__ = [
     "PointingGame",
     "PooledMetric",
     "RefreshBatchNorm",
+    "ReportSkippedInputs",
     "SelectionWarmup",
     "TopPDice",
     "TensorBoardAttributionMaps",

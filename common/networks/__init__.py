@@ -11,6 +11,7 @@ from common.networks.icam import (
     reparameterize,
 )
 from common.networks.patchgan import PatchGANClassifier
+from common.networks.probe import minimum_input_size
 from common.networks.tvd import FeatureCNN
 from common.networks.vagan import Classifier, CounterfactualMaps, Critic, EffectMap, MapGenerator
 
@@ -32,5 +33,6 @@ __all__ = [
     "ContentEncoder",
     "DomainDiscriminator",
     "Generator",
+    "minimum_input_size",
     "reparameterize",
 ]
