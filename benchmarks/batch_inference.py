@@ -29,6 +29,9 @@ import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.untrained import write_untrained_bundle  # noqa: E402  (the network's random init + a zero threshold)
+
 BUNDLE = REPO / "bundles" / "attr_constraint"
 WARM_CASES = 20
 OUTPUTS_PER_CASE = ("_attribution.nii.gz", "_segmentation.nii.gz", "_attribution.png")
@@ -57,22 +60,6 @@ def write_cases(folder: Path, n: int, shape: tuple[int, ...]) -> None:
         nib.save(nib.Nifti1Image(image, affine), folder / f"case_{i:04d}.nii.gz")
 
 
-def untrained_bundle_root(root: Path, configs: list[str]) -> Path:
-    """``root`` with the network's random initialisation as models/model.pt and a zero threshold."""
-    import torch
-    from monai.bundle import ConfigParser
-
-    sys.path.insert(0, str(REPO))
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / name) for name in configs])
-    models = root / "models"
-    models.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
-    (models / "thresholds.json").write_text(json.dumps({"G": 0.0}))
-    return root
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200)
@@ -89,7 +76,9 @@ def main() -> None:
         folder, out = tmp / "scans", tmp / "out"
         folder.mkdir()
         write_cases(folder, args.n, tuple(args.shape))
-        root = Path(args.bundle_root) if args.bundle_root else untrained_bundle_root(tmp / "bundle", configs)
+        root = Path(args.bundle_root) if args.bundle_root else tmp / "bundle"
+        if not args.bundle_root:
+            write_untrained_bundle("attr_constraint", root, configs=configs)
         config_files = [str(BUNDLE / "configs" / name) for name in configs]
         command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(config_files)]
         command += ["--bundle_root", str(root), "--input_dir", str(folder), "--output_dir", str(out)]

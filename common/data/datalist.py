@@ -85,6 +85,7 @@ def load_datalist(
     allowed_labels: Iterable[Any] | None = (0, 1),
     path_keys: Sequence[str] = PATH_KEYS,
     read_headers: bool = True,
+    check_files: bool = True,
 ) -> list[dict]:
     """Load and validate one split of a datalist; paths come back absolute.
 
@@ -96,6 +97,8 @@ def load_datalist(
         allowed_labels: the allowed values of ``label``; ``None`` accepts any number (regression).
         path_keys: keys holding file paths; each present one must be a readable NIfTI file.
         read_headers: read each file's NIfTI header (catches corrupt files before training).
+        check_files: check each path's file; ``False`` only resolves the paths, for a caller that checks
+            the files itself (inference, which can skip a bad one).
 
     Raises:
         DatalistError: one line naming the datalist, split, item and problem.
@@ -132,7 +135,7 @@ def load_datalist(
             if not isinstance(item[key], str):
                 raise DatalistError(f"{where}: '{key}' is {item[key]!r}; expected a file path")
             file_path = Path(item[key]) if os.path.isabs(item[key]) else base / item[key]
-            problem = image_file_problem(file_path, read_header=read_headers)
+            problem = image_file_problem(file_path, read_header=read_headers) if check_files else None
             if problem:
                 raise DatalistError(f"{where}: '{key}' {file_path}: {problem}; expected a readable NIfTI file")
             resolved[key] = str(file_path.resolve())

@@ -64,14 +64,11 @@ def inference_items(
             "--input_dir FOLDER or --input_datalist DATALIST"
         )
     if input_datalist:
-        # a datalist's items are checked one by one below, so a bad file can be skipped like a folder's
+        # a datalist's files are checked one by one below, so a bad one can be skipped like a folder's
         items = load_datalist(
-            input_datalist, split, dataset_dir=dataset_dir, required_keys=("image",), allowed_labels=None, path_keys=()
+            input_datalist, split, dataset_dir=dataset_dir, required_keys=("image",), allowed_labels=None,
+            path_keys=("image",), check_files=False,
         )
-        base = Path(dataset_dir) if dataset_dir is not None else Path(input_datalist).parent
-        for item in items:
-            if isinstance(item["image"], str) and not os.path.isabs(item["image"]):
-                item["image"] = str(base / item["image"])
     elif input_dir:
         folder = Path(input_dir)
         if not folder.is_dir():
