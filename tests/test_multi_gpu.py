@@ -11,8 +11,9 @@ import torch
 
 from tests.bundle_runner import REPO, monai_bundle_run_args, run_bundle
 
-# Merged last: every rank saves its network's parameters to bundle_root/rank<R>.pt at the end (then leaves the
-# group). Only parameters: batch-norm buffers follow each process's last batch until DDP broadcasts rank 0's.
+# Merged last: every rank saves the parameters of every network it trains (the networks of train#resume_objects)
+# to bundle_root/rank<R>.pt at the end (then leaves the group). Only parameters: batch-norm buffers follow each
+# process's last batch until DDP broadcasts rank 0's.
 SAVE_RANK_WEIGHTS = REPO / "tests" / "configs" / "save_rank_weights.json"
 WORLD = 2
 
@@ -27,12 +28,68 @@ def torchrun(bundle: str, *overrides) -> subprocess.CompletedProcess:
     return proc
 
 
-def assert_replicas_equal(root) -> dict:
+def assert_replicas_equal(root, networks) -> dict:
+    """Rank 1 ended with rank 0's parameters in each of ``networks`` (names in train#resume_objects)."""
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    assert ranks[0].keys() == ranks[1].keys()
-    for key in ranks[0]:
-        assert torch.equal(ranks[0][key], ranks[1][key]), f"rank 1 differs from rank 0 in {key}"
+    assert sorted(ranks[0]) == sorted(ranks[1]) == sorted(networks)
+    for network in networks:
+        assert ranks[0][network].keys() == ranks[1][network].keys()
+        for key in ranks[0][network]:
+            assert torch.equal(ranks[0][network][key], ranks[1][network][key]), f"rank 1 differs in {network}.{key}"
     return ranks[0]
+
+
+def assert_rank0_wrote(models, checkpoint: str, weights: dict) -> dict:
+    """Only ``checkpoint`` (the latest state) and model.pt are in ``models`` (one writer, no temporary file), and
+    the checkpoint holds the final weights of each network, without DDP's "module." prefix."""
+    assert sorted(p.name for p in models.iterdir()) == sorted([checkpoint, "model.pt"])
+    saved = torch.load(models / checkpoint, weights_only=True)
+    for network, parameters in weights.items():
+        for key, value in parameters.items():
+            assert torch.equal(saved[network][key], value), f"{network}.{key}"
+    return saved
+
+
+def test_vagan_synchronises_generator_and_critic(tmp_path):
+    epochs, epoch_length = 2, 2
+    torchrun(
+        "vagan",
+        ("dataset_dir", str(tmp_path / "data")),
+        ("synthetic_params", {"n": 48, "shape": [32, 32], "box": 6, "offset": 9, "jitter": 1}),
+        ("bundle_root", str(tmp_path)),
+        ("spatial_size", [32, 32]),
+        ("batch_size", 4),
+        ("epoch_length", epoch_length),
+        ("max_epochs", epochs),
+        ("critic_steps_boost", 2),
+        ("boost_first", 1),
+    )
+    # the critic trains several times per generator update (its own batches) and is frozen in the generator's
+    weights = assert_replicas_equal(tmp_path, ["generator", "critic"])
+    saved = assert_rank0_wrote(tmp_path / "models", f"checkpoint_epoch={epochs}.pt", weights)
+    assert saved["trainer"]["iteration"] == epochs * epoch_length
+
+
+def test_icam_synchronises_its_six_networks(tmp_path):
+    epochs, epoch_length = 2, 3  # one translation step (encoders, generator, classifier, D) and two D^c steps
+    torchrun(
+        "icam",
+        ("dataset_dir", str(tmp_path / "data")),
+        ("synthetic_params", {"spatial_dims": 2, "shape": [32, 32], "n": 24}),
+        ("bundle_root", str(tmp_path)),
+        ("spatial_size", [32, 32]),
+        ("epoch_length", epoch_length),
+        ("max_epochs", epochs),
+        ("val_n_samples", 3),
+        ("fallback_thresholds", [0.5, 0.0]),
+    )
+    networks = ["content_encoder", "attribute_encoder", "generator", "classifier"]
+    weights = assert_replicas_equal(tmp_path, [*networks, "domain_discriminator", "content_discriminator"])
+    saved = assert_rank0_wrote(tmp_path / "models", f"checkpoint_epoch={epochs}.pt", weights)
+    assert saved["trainer"]["iteration"] == epochs * epoch_length
+    best = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert sorted(best) == sorted(networks)  # loads in the single-process inference (no "module." prefix)
+    assert all(not key.startswith("module.") for network in networks for key in best[network])
 
 
 def test_attr_constraint_trains_on_two_processes(tmp_path):
@@ -49,7 +106,8 @@ def test_attr_constraint_trains_on_two_processes(tmp_path):
     )
     # the processes saw different images (their own shard, their own augmentation seed): equal weights at the
     # end mean the gradients were averaged at every step
-    weights = assert_replicas_equal(tmp_path)
+    # the weight average too: each process averages its own, equal replica
+    weights = assert_replicas_equal(tmp_path, ["classifier", "classifier_ema"])["classifier"]
     saved = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert saved == ["checkpoint_epoch=2.pt", "model.pt"]  # one writer: no duplicate, no temporary file left
     checkpoint = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", weights_only=True)

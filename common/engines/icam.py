@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from common.data.pairs import prepare_pair_batch
+from common.engines.distributed import unwrap
 from common.engines.precision import bf16_autocast
 from common.losses.icam import (
     GENERATOR_TERMS,
@@ -359,7 +360,7 @@ class ICAMTrainer(Trainer):
     def _content_discriminator_step(self, x0: torch.Tensor, x1: torch.Tensor) -> float:
         labels = _class_labels(x0, x1)
         with torch.no_grad(), self._autocast():
-            content = self.content_encoder(torch.cat([x0, x1]))
+            content = unwrap(self.content_encoder)(torch.cat([x0, x1]))
         with self._autocast():
             logits = self.content_discriminator(content).float()
         loss = self.loss_weights.content_adversarial * content_discriminator_loss(logits, labels)
@@ -373,7 +374,7 @@ class ICAMTrainer(Trainer):
     def _random_attribute(self, like: torch.Tensor, target_class: int) -> tuple[torch.Tensor, bool]:
         try:
             z = sample_attribute(
-                self.classifier, like.shape, target_class, self.rejection_threshold, self.rejection_max_draws
+                unwrap(self.classifier), like.shape, target_class, self.rejection_threshold, self.rejection_max_draws
             )
             return z.to(like.dtype), False
         except RejectionSamplingError:
@@ -389,7 +390,8 @@ class ICAMTrainer(Trainer):
             content = self.content_encoder(x)
             mu, logvar = self.attribute_encoder(x)
         mu, logvar = mu.float(), logvar.float()
-        z = self.attribute_encoder.reparameterize(mu, logvar)
+        attribute_encoder = unwrap(self.attribute_encoder)  # its methods; forward passes go through DDP
+        z = attribute_encoder.reparameterize(mu, logvar)
         c0, c1 = content.split(n)
         z0, z1 = z.split(n)
         random0, fallback0 = self._random_attribute(z0, 0)
@@ -405,7 +407,7 @@ class ICAMTrainer(Trainer):
             mu_fake, logvar_fake = self.attribute_encoder(torch.cat([translated, random_translated]))
         mu_translated, mu_random = mu_fake.float().split(2 * n)
         logvar_translated = logvar_fake.float()[: 2 * n]
-        z_translated = self.attribute_encoder.reparameterize(mu_translated, logvar_translated)
+        z_translated = attribute_encoder.reparameterize(mu_translated, logvar_translated)
         ct0, ct1 = content_translated.split(n)  # content of x0->1 (from x0) and of x1->0 (from x1)
         zt1, zt0 = z_translated.split(n)  # attribute of x0->1 (class 1) and of x1->0 (class 0)
         with self._autocast():
@@ -414,9 +416,15 @@ class ICAMTrainer(Trainer):
         domain_terms = self._domain_discriminator_step(x, labels, translated, random_translated)
 
         w = self.loss_weights
-        with no_parameter_grads(self.domain_discriminator, self.content_discriminator), self._autocast():
-            fake_real_fake, fake_class = self.domain_discriminator(torch.cat([translated, random_translated]))
-            content_logits = self.content_discriminator(content)
+        # Frozen here, the discriminators run outside their DDP wrappers: a wrapped forward whose parameters get no
+        # gradient leaves DDP waiting for them.
+        domain_discriminator, content_discriminator = (
+            unwrap(self.domain_discriminator),
+            unwrap(self.content_discriminator),
+        )
+        with no_parameter_grads(domain_discriminator, content_discriminator), self._autocast():
+            fake_real_fake, fake_class = domain_discriminator(torch.cat([translated, random_translated]))
+            content_logits = content_discriminator(content)
         rf_translated, rf_random = fake_real_fake.float().split(2 * n)
         class_translated, class_random = fake_class.float().split(2 * n)
         self_l1, self_l2 = reconstruction_losses(self_reconstruction, x)
@@ -438,7 +446,7 @@ class ICAMTrainer(Trainer):
         }
         if regression_targets is not None:
             with self._autocast():
-                prediction = self.classifier.regress(mu)
+                prediction = unwrap(self.classifier).regress(mu)
             terms["regression"] = regression_loss(prediction.float(), regression_targets)
         total = weighted_total(terms, w.generator_term_weights())
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)

@@ -28,6 +28,7 @@ from monai.engines import Trainer
 from torch.utils.data import DataLoader
 
 from common.data.pairs import prepare_pair_batch
+from common.engines.distributed import unwrap
 
 OUTPUT_KEYS = ("critic_loss", "generator_loss", "wasserstein", "gradient_penalty", "map_l1", "critic_steps")
 
@@ -143,7 +144,7 @@ class VAGANTrainer(Trainer):
         for _ in range(self.accumulation_steps):
             x0, x1 = engine.prepare_batch(next(self.critic_batches), engine.state.device, engine.non_blocking)
             with torch.no_grad(), self._autocast():
-                fake = x1 + self.generator(x1)
+                fake = x1 + unwrap(self.generator)(x1)
             fake = fake.float()
             with self._autocast():
                 distance = self.critic(fake).float().mean() - self.critic(x0).float().mean()
@@ -168,8 +169,10 @@ class VAGANTrainer(Trainer):
         for _ in range(n_critic):
             critic_stats = self._critic_update(engine)
 
-        # Generator update: the critic scores this batch's counterfactuals afresh.
-        for p in self.critic.parameters():
+        # Generator update: the critic scores this batch's counterfactuals afresh. Frozen here, it runs outside
+        # its DDP wrapper: a wrapped forward whose parameters get no gradient leaves DDP waiting for them.
+        critic = unwrap(self.critic)
+        for p in critic.parameters():
             p.requires_grad_(False)
         self.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         g_total, l1_total = 0.0, 0.0
@@ -180,13 +183,13 @@ class VAGANTrainer(Trainer):
                 effect = self.generator(x1)
                 counterfactual = x1 + effect
                 map_l1 = effect.float().abs().mean()
-                loss = self.critic(counterfactual).float().mean() + self.lambda_map * map_l1
+                loss = critic(counterfactual).float().mean() + self.lambda_map * map_l1
             self.g_scaler.scale(loss / self.accumulation_steps).backward()
             g_total += float(loss.detach())
             l1_total += float(map_l1.detach())
         self.g_scaler.step(self.g_optimizer)
         self.g_scaler.update()
-        for p in self.critic.parameters():
+        for p in critic.parameters():
             p.requires_grad_(True)
         n = len(batches)
         return {
