@@ -39,7 +39,7 @@ def _trainer(data, max_epochs, autoencoder, discriminator=None, lr=1e-3, **kwarg
         device="cpu",
         max_epochs=max_epochs,
         train_data_loader=DataLoader(data, batch_size=2, shuffle=False),
-        autoencoder=autoencoder,
+        network=autoencoder,
         optimizer=torch.optim.Adam(autoencoder.parameters(), lr=lr),
         loss_function=AutoencoderKLLoss(),
         discriminator=discriminator,
@@ -192,7 +192,7 @@ def test_invalid_adversarial_settings_fail_clearly():
     autoencoder = _autoencoder()
     loader = DataLoader(_data(n=2), batch_size=2)
     optimizer = torch.optim.Adam(autoencoder.parameters())
-    common = dict(device="cpu", max_epochs=1, train_data_loader=loader, autoencoder=autoencoder, optimizer=optimizer)
+    common = dict(device="cpu", max_epochs=1, train_data_loader=loader, network=autoencoder, optimizer=optimizer)
     with pytest.raises(ValueError, match="d_optimizer"):
         AutoencoderKLTrainer(**common, loss_function=AutoencoderKLLoss(), discriminator=_discriminator())
     with pytest.raises(ValueError, match="adversarial_weight"):

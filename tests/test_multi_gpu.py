@@ -18,8 +18,9 @@ SAVE_RANK_WEIGHTS = REPO / "tests" / "configs" / "save_rank_weights.json"
 WORLD = 2
 
 
-def torchrun(bundle: str, *overrides) -> subprocess.CompletedProcess:
-    configs = ["train.json", "multi_gpu_train.json", SAVE_RANK_WEIGHTS]
+def torchrun(bundle: str, *overrides, stage: tuple = ("train.json",)) -> subprocess.CompletedProcess:
+    """``stage``: the training configs multi_gpu_train.json merges on (train.json, or a stage config)."""
+    configs = [*stage, "multi_gpu_train.json", SAVE_RANK_WEIGHTS]
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--standalone"]
     args += monai_bundle_run_args(bundle, configs, overrides)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -90,6 +91,57 @@ def test_icam_synchronises_its_six_networks(tmp_path):
     best = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert sorted(best) == sorted(networks)  # loads in the single-process inference (no "module." prefix)
     assert all(not key.startswith("module.") for network in networks for key in best[network])
+
+
+def test_acat_trains_every_stage_on_two_processes(tmp_path):
+    common = [
+        ("dataset_dir", str(tmp_path / "data")),
+        ("synthetic_params", {"n": 30, "shape": [32, 32, 3]}),
+        ("bundle_root", str(tmp_path)),
+        ("spatial_size", [32, 32, 3]),
+        ("max_epochs", 1),
+        ("batch_size", 4),
+    ]
+    models = tmp_path / "models"
+    for stage, network in [("train_classifier.json", "classifier"), ("train_autoencoder.json", "autoencoder")]:
+        torchrun("acat", *common, stage=(stage,))
+        weights = assert_replicas_equal(tmp_path, [network])
+        state = torch.load(models / f"{network}_state" / "checkpoint_epoch=1.pt", weights_only=True)
+        for key, value in weights[network].items():
+            assert torch.equal(state[network][key], value), key
+    run_bundle("acat", ["saliency.json"], *common, ("cf_steps", 2))  # one process: inference, no DDP config
+    torchrun("acat", *common)  # ACAT itself, fine-tuned from the baseline trained above
+    weights = assert_replicas_equal(tmp_path, ["acat"])
+    state = torch.load(models / "acat_state" / "checkpoint_epoch=1.pt", weights_only=True)
+    for key, value in weights["acat"].items():
+        assert torch.equal(state["acat"][key], value), key
+
+
+def test_tvd_score_trains_every_stage_on_two_processes(tmp_path):
+    from tests.test_bundle_tvd_score import SCHEDULE_3D, TINY_3D
+
+    common = [("dataset_dir", str(tmp_path / "data")), ("bundle_root", str(tmp_path)), *TINY_3D, *SCHEDULE_3D]
+    adversarial = [("adversarial_weight", 0.1), ("adversarial_warmup_epochs", 0)]  # the patch discriminator too
+    stages = [
+        ("classifier", [], ["classifier"]),
+        ("regressor", [], ["regressor"]),
+        ("autoencoder", adversarial, ["autoencoder", "discriminator"]),
+        ("diffusion", [], ["diffusion", "diffusion_ema"]),
+    ]
+    for stage, extra, networks in stages:
+        proc = torchrun("tvd_score", *common, *extra, stage=("train.json", f"train_{stage}.json"))
+        weights = assert_replicas_equal(tmp_path, networks)
+        state = torch.load(tmp_path / "models" / f"{stage}_state" / "checkpoint_epoch=1.pt", weights_only=True)
+        for network in networks:
+            for key, value in weights[network].items():
+                assert torch.equal(state[network][key], value), f"{stage}: {network}.{key}"
+    # the latent scale is measured once, on rank 0, and every process trains with it
+    scales = [
+        line.split("latent scale factor:")[1]
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if "latent scale" in line
+    ]
+    assert len(scales) == WORLD and len(set(scales)) == 1, scales
 
 
 def test_attr_constraint_trains_on_two_processes(tmp_path):

@@ -31,6 +31,7 @@ from monai.losses import PatchAdversarialLoss
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
+from common.engines.distributed import unwrap
 from common.networks.modes import no_parameter_grads
 
 # Scalars of ``engine.state.output`` besides Keys.LOSS; unused terms are 0.
@@ -51,7 +52,7 @@ class AutoencoderKLTrainer(Trainer):
         device: where to train.
         max_epochs: epochs of ``epoch_length`` iterations.
         train_data_loader: batches with an ``image`` key (or whatever ``prepare_batch`` reads).
-        autoencoder: returns ``(reconstruction, z_mu, z_sigma)``, as ``monai.networks.nets.AutoencoderKL``.
+        network: the autoencoder, returning ``(reconstruction, z_mu, z_sigma)`` (``monai.networks.nets.AutoencoderKL``).
         optimizer: the autoencoder's optimiser.
         loss_function: :class:`common.losses.AutoencoderKLLoss`, or any callable
             ``(reconstruction, z_mu, z_sigma, target) -> dict`` with ``loss``, ``l1``, ``kl`` and ``perceptual``.
@@ -77,7 +78,7 @@ class AutoencoderKLTrainer(Trainer):
         device: str | torch.device,
         max_epochs: int,
         train_data_loader: Iterable,
-        autoencoder: nn.Module,
+        network: nn.Module,
         optimizer: torch.optim.Optimizer,
         loss_function: Callable,
         discriminator: nn.Module | None = None,
@@ -120,7 +121,7 @@ class AutoencoderKLTrainer(Trainer):
             amp=use_amp,
             decollate=False,
         )
-        self.autoencoder = autoencoder
+        self.network = network
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.discriminator = discriminator
@@ -147,19 +148,22 @@ class AutoencoderKLTrainer(Trainer):
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         adversarial = self.is_adversarial_epoch(engine.state.epoch)
-        self.autoencoder.train()
+        self.network.train()
         if self.discriminator is not None:
             self.discriminator.eval()
 
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        with no_parameter_grads(self.discriminator if adversarial else None):
+        # Frozen here, the discriminator runs outside its DDP wrapper (a wrapped forward whose parameters get no
+        # gradient leaves DDP waiting for them).
+        discriminator = unwrap(self.discriminator) if self.discriminator is not None else None
+        with no_parameter_grads(discriminator if adversarial else None):
             with self._autocast():
-                reconstruction, z_mu, z_sigma = self.autoencoder(images)
+                reconstruction, z_mu, z_sigma = self.network(images)
                 terms = self.loss_function(reconstruction, z_mu, z_sigma, images)
                 loss = terms["loss"].float()
                 g_adv = torch.zeros((), device=loss.device)
                 if adversarial:
-                    logits = _logits(self.discriminator(reconstruction)).float()
+                    logits = _logits(discriminator(reconstruction)).float()
                     g_adv = self.adversarial_loss(logits, target_is_real=True, for_discriminator=False)
                     loss = loss + self.adversarial_weight * g_adv
             self.g_scaler.scale(loss).backward()

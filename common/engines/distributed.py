@@ -93,6 +93,17 @@ def main_process_first(fn: Callable, *args, **kwargs):
     return result if is_main_process() else fn(*args, **kwargs)
 
 
+def main_process_value(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 only, its (picklable) result sent to every process: for a quantity measured
+    on the data that every process must share (the latent scale factor of a diffusion training, which each process
+    would otherwise measure on its own shard, and write to the same file)."""
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    box = [fn(*args, **kwargs) if is_main_process() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _logging_handler_types() -> tuple[type, ...]:
     from ignite.handlers import ProgressBar
     from monai.handlers import StatsHandler, TensorBoardImageHandler, TensorBoardStatsHandler
