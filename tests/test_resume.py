@@ -88,3 +88,53 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     assert any(p.name.startswith("tmp") for p in models.iterdir())  # the interrupted write
     assert torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] > 0
     _resume_and_check(tmp_path, overrides, killed_at=1)
+
+
+# Merged on train.json: the run stops (ignite's terminate) at the end of epoch ``stop_after_epoch``, after the
+# epoch's checkpoint is written, as a run killed then would; max_epochs (and the schedules made from it) unchanged.
+STOP_AFTER_EPOCH = REPO / "tests" / "configs" / "stop_after_epoch.json"
+
+
+def test_a_resumed_run_continues_the_random_sequence_of_the_uninterrupted_one(tmp_path):
+    """Data order, augmentation and every other draw continue where the stopped run left them: a run stopped after
+    epoch 2 of 3 and resumed ends with the same weights, to the bit, as one that ran the 3 epochs at once."""
+    epochs = 3
+    last = f"checkpoint_epoch={epochs}.pt"
+
+    def train(root: Path, configs, *extra) -> Path:
+        overrides = dict(_attr_constraint(root))
+        overrides["max_epochs"] = epochs
+        run_bundle("attr_constraint", configs, *overrides.items(), *extra)
+        return root / "bundle" / "models"
+
+    straight = torch.load(train(tmp_path / "straight", ["train.json"]) / last, weights_only=True)
+    stopped = train(tmp_path / "resumed", ["train.json", STOP_AFTER_EPOCH])
+    assert _epochs_on_disk(stopped) == [2]
+    resumed = torch.load(train(tmp_path / "resumed", ["train.json"], ("resume", True)) / last, weights_only=True)
+    for network in ("classifier", "classifier_ema"):
+        for key, value in straight[network].items():
+            assert torch.equal(value, resumed[network][key]), f"{network}.{key} differs after the resume"
+    assert torch.equal(straight["random_states"]["torch"], resumed["random_states"]["torch"])
+
+
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    from monai.transforms import Compose, RandAffined, RandFlipd
+
+    from common.engines import RandomStates
+
+    transform = Compose([RandFlipd("image", prob=0.5), RandAffined("image", prob=0.5, rotate_range=0.1)])
+    states = RandomStates(transform)
+    assert len(states.transforms) == 5  # Compose, RandFlipd, RandAffined and the RandAffine and grid inside it
+    torch.save(states.state_dict(), tmp_path / "states.pt")
+
+    def draws():
+        inner = transform.transforms[1].rand_affine.rand_affine_grid.R.uniform()
+        legacy_numpy = np.random.rand()  # noqa: NPY002 - the global generator MONAI seeds is the one restored
+        return torch.rand(3).tolist(), legacy_numpy, random.random(), transform.transforms[0].R.rand(), inner
+
+    expected = draws()
+    states.load_state_dict(torch.load(tmp_path / "states.pt", weights_only=True))
+    assert draws() == expected

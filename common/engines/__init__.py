@@ -2,7 +2,7 @@
 
 from common.engines import distributed
 from common.engines.autoencoder import AutoencoderKLTrainer
-from common.engines.batches import PrepareKeys, attach_resume, epoch_lr_scheduler, latest_checkpoint
+from common.engines.batches import PrepareKeys, RandomStates, attach_resume, epoch_lr_scheduler, latest_checkpoint
 from common.engines.constrained import ConstrainedClassifierTrainer
 from common.engines.icam import (
     FeatureAttribution,
@@ -18,6 +18,7 @@ __all__ = [
     "AutoencoderKLTrainer",
     "ConstrainedClassifierTrainer",
     "PrepareKeys",
+    "RandomStates",
     "attach_resume",
     "distributed",
     "epoch_lr_scheduler",

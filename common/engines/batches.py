@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 
@@ -52,6 +54,100 @@ def latest_checkpoint(ckpt_dir: str) -> str:
     return str(found[-1][1])
 
 
+def _randomizable_transforms(transform) -> list:
+    """The ``Randomizable`` objects inside ``transform`` (a ``Compose`` tree, a list, or one transform), nested ones
+    included: ``RandAffined`` draws from its own generator and from those of the ``RandAffine`` and
+    ``RandAffineGrid`` it holds."""
+    from monai.transforms import Randomizable
+
+    found, seen, stack = [], set(), [transform]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+            continue
+        if isinstance(item, Randomizable) and isinstance(getattr(item, "R", None), np.random.RandomState):
+            found.append(item)
+        members = (
+            [v for v in vars(item).values() if isinstance(v, (Randomizable, list, tuple))]
+            if hasattr(item, "__dict__")
+            else []
+        )
+        stack.extend(reversed(members))
+    return found
+
+
+def _numpy_state(state: tuple) -> dict:
+    name, keys, position, has_gauss, cached = state
+    return {
+        "name": name,
+        "keys": torch.as_tensor(keys.astype("int64")),
+        "pos": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _numpy_state_tuple(state: dict) -> tuple:
+    import numpy as np
+
+    keys = state["keys"].numpy().astype(np.uint32)
+    return state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]
+
+
+class RandomStates:
+    """The random number generators a training run draws from, as a checkpointable object (``state_dict`` /
+    ``load_state_dict``), so a resumed run continues the killed run's random sequence: the data order (the
+    ``DataLoader``'s sampler draws its permutation from torch's global generator each epoch), the augmentations
+    (each random MONAI transform of ``transform`` has its own ``numpy`` generator), noise and dropout.
+
+    Saved with the epoch-end checkpoint and restored when the resumed trainer starts, after the config has been
+    built (which draws from the generators, network initialisation included), so the next epoch sees the
+    generators exactly where the uninterrupted run had them. Everything is stored as tensors, ints and lists,
+    so the checkpoint still loads with ``weights_only=True``. One process's generators: each DDP process saves
+    nothing of its own (rank 0 writes the checkpoint), so a resumed multi-process run restores rank 0's on all.
+    """
+
+    def __init__(self, transform=None):
+        self.transforms = _randomizable_transforms(transform) if transform is not None else []
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        python_version, python_state, gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _numpy_state(np.random.get_state()),  # noqa: NPY002 - the legacy global one is what set_determinism seeds
+            "python": {"version": python_version, "state": list(python_state), "gauss": gauss},
+            "transforms": [_numpy_state(t.R.get_state()) for t in self.transforms],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        import numpy as np
+
+        if len(state["transforms"]) != len(self.transforms):
+            raise InputError(
+                f"the checkpoint holds the random states of {len(state['transforms'])} random transforms, this "
+                f"run's training transform has {len(self.transforms)}; expected the configuration of the run it resumes"
+            )
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(_numpy_state_tuple(state["numpy"]))  # noqa: NPY002 - as in state_dict
+        python = state["python"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+        for t, t_state in zip(self.transforms, state["transforms"]):
+            t.R.set_state(_numpy_state_tuple(t_state))
+
+
 def attach_resume(trainer, ckpt_dir: str, objects: dict, map_location=None) -> str:
     """Restore ``objects`` (networks, optimisers, the trainer's counters) from the newest checkpoint
     in ``ckpt_dir`` when ``trainer`` starts; returns the checkpoint path. Loads with ``weights_only``."""
@@ -64,7 +160,12 @@ def attach_resume(trainer, ckpt_dir: str, objects: dict, map_location=None) -> s
     def _load(engine):
         requested = engine.state.max_epochs
         state = torch.load(path, map_location=map_location, weights_only=True)
-        Checkpoint.load_objects(to_load=objects, checkpoint=state)
+        to_load = dict(objects)
+        if "random_states" in to_load and "random_states" not in state:
+            # a checkpoint from before random states were saved: everything else resumes, the draws start afresh
+            logging.getLogger(__name__).warning("%s holds no random states; the resumed data order starts afresh", path)
+            del to_load["random_states"]
+        Checkpoint.load_objects(to_load=to_load, checkpoint=state)
         # The checkpoint carries the old run's max_epochs; the new run may train for longer.
         engine.state.max_epochs = max(requested or 0, engine.state.max_epochs or 0)
 
