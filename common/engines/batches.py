@@ -92,8 +92,6 @@ def _numpy_state(state: tuple) -> dict:
 
 
 def _numpy_state_tuple(state: dict) -> tuple:
-    import numpy as np
-
     keys = state["keys"].numpy().astype(np.uint32)
     return state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]
 
@@ -117,8 +115,6 @@ class RandomStates:
     def state_dict(self) -> dict:
         import random
 
-        import numpy as np
-
         python_version, python_state, gauss = random.getstate()
         return {
             "torch": torch.get_rng_state(),
@@ -130,8 +126,6 @@ class RandomStates:
 
     def load_state_dict(self, state: dict) -> None:
         import random
-
-        import numpy as np
 
         if len(state["transforms"]) != len(self.transforms):
             raise InputError(
