@@ -138,3 +138,23 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     expected = draws()
     states.load_state_dict(torch.load(tmp_path / "states.pt", weights_only=True))
     assert draws() == expected
+
+
+def test_resuming_with_another_augmentation_names_the_checkpoint(tmp_path):
+    import pytest
+    from ignite.engine import Engine
+    from monai.transforms import RandFlipd
+
+    from common.engines import RandomStates, attach_resume
+    from common.errors import InputError
+
+    engine = Engine(lambda e, b: None)
+    torch.save(
+        {"trainer": engine.state_dict(), "random_states": RandomStates().state_dict()},
+        tmp_path / "checkpoint_epoch=1.pt",
+    )
+    objects = {"trainer": engine, "random_states": RandomStates(RandFlipd("image", prob=0.5))}
+    path = attach_resume(engine, str(tmp_path), objects)
+    with pytest.raises(InputError, match=r"checkpoint_epoch=1\.pt: the checkpoint holds the random states of 0 random"):
+        engine.run([0], max_epochs=2)
+    assert path.endswith("checkpoint_epoch=1.pt")

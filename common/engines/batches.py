@@ -159,7 +159,10 @@ def attach_resume(trainer, ckpt_dir: str, objects: dict, map_location=None) -> s
             # a checkpoint from before random states were saved: everything else resumes, the draws start afresh
             logging.getLogger(__name__).warning("%s holds no random states; the resumed data order starts afresh", path)
             del to_load["random_states"]
-        Checkpoint.load_objects(to_load=to_load, checkpoint=state)
+        try:
+            Checkpoint.load_objects(to_load=to_load, checkpoint=state)
+        except InputError as error:  # the objects know what does not fit, only this knows the file
+            raise InputError(f"{path}: {error}") from None
         # The checkpoint carries the old run's max_epochs; the new run may train for longer.
         engine.state.max_epochs = max(requested or 0, engine.state.max_epochs or 0)
 
