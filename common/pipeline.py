@@ -7,6 +7,10 @@ named by ``--pipeline``, e.g. a preset's ``pipeline_ellipses.json``, whose stage
 
     {"stages": [{"name": "classifier", "configs": ["train_classifier.json"]}, ...]}
 
+A stage may also fix ids of its own, ``"overrides": {"alpha_A": 0, "ckpt_dir": "$@bundle_root + '/models/x'"}``
+(e.g. the unconstrained comparator of the attribution-constraint bundle, trained by the same
+train.json); they are given after the command line's, so they win for that stage.
+
 Each stage is one ``python -m monai.bundle run`` of its config files (merged in order), in its own
 process so a stage's memory and logging end with it. Every ``--id value`` given after the bundle is
 passed to every stage (``--seed 1 --bundle_root runs/acat_seed1``): the stages share their ids by
@@ -34,7 +38,14 @@ def read_stages(bundle: Path, pipeline: str = "pipeline.json") -> list[dict]:
     stages = json.loads(path.read_text()).get("stages")
     if not isinstance(stages, list) or not stages or not all({"name", "configs"} <= set(s) for s in stages):
         raise InputError(f"{path}: expected {{'stages': [{{'name': ..., 'configs': [...]}}, ...]}}")
+    if not all(isinstance(s.get("overrides", {}), dict) for s in stages):
+        raise InputError(f"{path}: a stage's 'overrides' must be an object of config ids and values")
     return stages
+
+
+def cli_value(value) -> str:
+    """A config id's value as ``monai.bundle run`` reads it on the command line (JSON unless already a string)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def stage_command(bundle: Path, stage: dict, overrides: list[str]) -> list[str]:
@@ -43,7 +54,8 @@ def stage_command(bundle: Path, stage: dict, overrides: list[str]) -> list[str]:
     logging_conf = bundle / "configs" / "logging.conf"
     if logging_conf.is_file():
         command += ["--logging_file", str(logging_conf)]
-    return command + overrides
+    fixed = [arg for key, value in stage.get("overrides", {}).items() for arg in (f"--{key}", cli_value(value))]
+    return command + overrides + fixed
 
 
 def _bundle_root(bundle: Path, overrides: list[str]) -> Path:

@@ -8,14 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.pipeline import cli_value
+
 REPO = Path(__file__).resolve().parents[1]
 # A non-RAS (LPS-like), anisotropic affine with an offset origin: outputs must keep it exactly.
 LPS = np.array([[-0.9, 0, 0, 10.0], [0, -1.3, 0, -20.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
-
-
-def cli_value(value) -> str:
-    """A config id's value as ``monai.bundle run`` reads it on the command line (JSON unless already a string)."""
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def monai_bundle_run_args(bundle: str, configs, overrides) -> list[str]:

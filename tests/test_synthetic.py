@@ -60,6 +60,7 @@ def test_boxes_recipe(boxes_dir):
     for item in items:
         image, effect = _load(item["image"]), _load(item["effect"])
         assert image.shape == (112, 112) and effect.shape == (112, 112)
+        np.testing.assert_allclose(_load(item["healthy"]), image - effect, atol=1e-6)  # ICAM's pair
         assert image.min() == pytest.approx(-1.0, abs=1e-6) and image.max() == pytest.approx(1.0, abs=1e-6)
         if item["label"] == 0:
             assert not effect.any() and item["subtype"] == 0

@@ -33,21 +33,21 @@ GENERATORS: dict[str, SyntheticDataset] = {
     "boxes": SyntheticDataset(
         name="boxes",
         description="VA-GAN boxes: 112x112 blurred noise, class 1 adds two 20x20 squares (subtypes A/B)",
-        version=1,
+        version=2,  # 2: the healthy image is saved too (ICAM pairs each patient with it)
         defaults=boxes.BOXES_DEFAULTS,
         make_case=boxes.make_case,
         plan_labels=boxes.plan_labels,
-        array_keys=("image", "effect"),
+        array_keys=("image", "effect", "healthy"),
         scalar_keys=("subtype",),
     ),
     "boxes3d": SyntheticDataset(
         name="boxes3d",
         description="3D VA-GAN boxes: 48^3 blurred noise, class 1 adds two cubes (subtypes A/B)",
-        version=1,
+        version=2,  # 2: the healthy image is saved too (ICAM pairs each patient with it)
         defaults=boxes.BOXES3D_DEFAULTS,
         make_case=boxes.make_case,
         plan_labels=boxes.plan_labels,
-        array_keys=("image", "effect"),
+        array_keys=("image", "effect", "healthy"),
         scalar_keys=("subtype",),
     ),
     "ellipses": SyntheticDataset(

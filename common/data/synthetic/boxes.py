@@ -4,7 +4,8 @@ Background: iid N(0, 50^2) noise, Gaussian blur (sigma 2.5), rescaled back to st
 intensity 100 in a 20x20 square at the centre and a second 20x20 square offset by +32 px in every
 axis (subtype A, lower right) or -32 px (subtype B, upper left), the offset jittered per axis by
 an integer in [-5, 5]. Each image is min-max scaled to [-1, 1]; the ground-truth effect map is the
-added intensity in those same scaled units, so it is exactly (diseased - healthy). ``boxes3d`` is
+added intensity in those same scaled units, so it is exactly (diseased - healthy), and ``healthy``
+(saved too) is that same image without the boxes, the pair ICAM's training needs. ``boxes3d`` is
 the same recipe with cubes in a volume.
 """
 
@@ -60,4 +61,5 @@ def make_case(rng: np.random.Generator, params: dict, label: int) -> tuple[dict,
         _add_box(effect, corner, size, params["effect"])
         fields.update(subtype=subtype, offset=[int(s) for s in corner - centre_corner])
     image, _, gain = scale_to_unit_range(noise + effect)
-    return {"image": image, "effect": effect * gain}, fields
+    effect = effect * gain
+    return {"image": image, "effect": effect, "healthy": image - effect}, fields

@@ -1,0 +1,101 @@
+"""benchmarks/fidelity.py: the pipelines it runs, the data its comparisons share, reuse of finished runs, tables."""
+
+import json
+import sys
+
+import pytest
+from monai.bundle import ConfigParser
+
+from common.pipeline import read_stages, stage_command
+from tests.bundle_runner import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import fidelity  # noqa: E402
+
+PIPELINES = sorted((REPO / "bundles").glob("*/configs/pipeline*.json"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: f"{p.parts[-3]}/{p.name}")
+def test_every_pipeline_names_existing_configs_and_ends_with_evaluate(path):
+    bundle = path.parents[1]
+    stages = read_stages(bundle, path.name)
+    for stage in stages:
+        for name in stage["configs"]:
+            assert (bundle / "configs" / name).is_file(), f"{path.name}: stage {stage['name']} names {name}"
+    assert stages[-1]["name"] == "evaluate" and "evaluate.json" in stages[-1]["configs"]
+
+
+def test_a_stage_fixes_its_own_ids_over_the_command_line():
+    stages = read_stages(REPO / "bundles" / "attr_constraint")
+    unconstrained = next(s for s in stages if s["name"] == "unconstrained")
+    command = stage_command(REPO / "bundles" / "attr_constraint", unconstrained, ["--alpha_A", "500"])
+    # monai.bundle run takes the last value of a repeated id: the comparator stays unconstrained
+    assert command[len(command) - 1 - command[::-1].index("--alpha_A") + 1] == "0"
+    constrained = stage_command(REPO / "bundles" / "attr_constraint", stages[0], ["--alpha_A", "500"])
+    assert constrained[-2:] == ["--alpha_A", "500"]
+
+
+def _data_request(run, quick, root):
+    """The data set a run's train.json would ask ensure_dataset for."""
+    parser = ConfigParser()
+    configs = read_stages(REPO / "bundles" / run.bundle, run.pipeline)[0]["configs"]
+    parser.read_config([str(REPO / "bundles" / run.bundle / "configs" / c) for c in configs])
+    for key, value in fidelity.run_overrides(run, quick, root).items():
+        parser[key] = value
+    params = parser.get_parsed_content("synthetic_params")
+    return parser.get_parsed_content("synthetic"), str(parser.get_parsed_content("dataset_dir")), params
+
+
+@pytest.mark.parametrize("quick", [True, False])
+@pytest.mark.parametrize("dataset", ["boxes", "brain_atrophy"])
+def test_vagan_and_icam_are_compared_on_the_same_images(dataset, quick, tmp_path):
+    runs = {r.bundle: r for r in fidelity.RUNS if r.dataset == dataset}
+    vagan, icam = (_data_request(runs[b], quick, tmp_path) for b in ("vagan", "icam"))
+    assert vagan == icam  # one folder, one generator request: neither run regenerates the other's data
+
+
+def test_a_finished_run_is_reused_until_its_overrides_change(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_pipeline(run, overrides, log_path):
+        calls.append(overrides)
+        eval_dir = tmp_path / f"{run.bundle}_{run.dataset}" / "bundle" / "eval"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / "metrics.json").write_text(json.dumps({"vagan": {"ncc": 0.5 + len(calls), "n": 3}}))
+        return 1.0
+
+    monkeypatch.setattr(fidelity, "run_pipeline", fake_pipeline)
+    run = next(r for r in fidelity.RUNS if r.name == "vagan/boxes")
+    first = fidelity.execute(run, True, tmp_path, fresh=False)
+    again = fidelity.execute(run, True, tmp_path, fresh=False)
+    assert len(calls) == 1 and again["reports"] == first["reports"]
+    changed = fidelity.Run(run.bundle, run.dataset, quick={**run.quick, "max_epochs": 9})
+    assert fidelity.execute(changed, True, tmp_path, fresh=False)["reports"]["attribution"]["vagan"]["ncc"] == 2.5
+    fidelity.execute(changed, True, tmp_path, fresh=True)
+    assert len(calls) == 3
+
+
+def test_the_tables_put_each_method_beside_the_paper(tmp_path):
+    ncc = {"ncc": 0.812, "ncc_sd": 0.05, "ncc_paper": 0.94, "n": 40}
+    records = {
+        "vagan/boxes": {"reports": {"attribution": {"vagan": ncc, "gradient": {"ncc": 0.1, "ncc_sd": 0.02}}}},
+        "icam/brain_atrophy": {"reports": {"attribution": {"icam": {"ncc_minus": 0.3, "ncc_minus_sd": 0.1}}}},
+        "attr_constraint/brain_ms": {"reports": {"attribution": {"NoConsG": {"dice": 0.25, "auprc": 0.11}}}},
+        "tvd_score/ellipses": {
+            "reports": {
+                "tvd": {
+                    "features": {"size": {"global_score": 0.04, "bootstrap_variance_global": 0.0004}},
+                    "test": {"data_scores": {"size": {"global_score": 0.01}}},
+                }
+            }
+        },
+    }
+    out = tmp_path / "fidelity.md"
+    fidelity.write_results(records, {}, out, "python benchmarks/fidelity.py", quick=True, wall=1.0)
+    text = out.read_text()
+    assert "| vagan | 0.812 +/- 0.050 (paper 0.94) |  |" in text
+    assert "| gradient (vagan classifier) | 0.100 +/- 0.020 |  |" in text
+    assert "| icam |  | 0.300 +/- 0.100 |" in text
+    assert "| NoConsG |  |  | 0.250 | 0.110 |" in text
+    assert "| ellipses | size | label-independent | 0.040 (0.020) | 0.010 | 0.049 |" in text
+    assert json.loads(out.with_suffix(".json").read_text())["records"].keys() == records.keys()
