@@ -84,10 +84,10 @@ QUICK_ICAM = {
     "val_n_samples": 3,
     "val_max_cases": 8,
     "n_samples": 5,
-    "test_max_cases": 10,
+    "test_max_cases": 6,
     "eval_fallback_thresholds": [0.5, 0.0],
 }
-QUICK_TUMOUR = {"spatial_size": [64, 80], "max_epochs": 4, "batch_size": 16, "test_max_cases": 40}
+QUICK_TUMOUR = {"spatial_size": [64, 80], "max_epochs": 3, "batch_size": 16, "test_max_cases": 40}
 QUICK_ATTRIBUTION = {"eg_samples": 20, "ig_steps": 20, "eg_reference_count": 8}
 QUICK_TVD = {"n_values": 3, "samples_per_value": 8, "sample_batch_size": 8, "bootstrap_resamples": 500}
 
@@ -109,7 +109,7 @@ RUNS = [
             "ncc_target": "effect",
             "paper_metrics": {},
         },
-        quick={"synthetic_params": QUICK_BOXES, "spatial_size": [48, 48], "epoch_length": 30, "max_epochs": 2}
+        quick={"synthetic_params": QUICK_BOXES, "spatial_size": [48, 48], "epoch_length": 20, "max_epochs": 2}
         | QUICK_ICAM,
     ),
     Run(
@@ -134,9 +134,8 @@ RUNS = [
         quick={
             "synthetic_params": QUICK_ATROPHY,
             "spatial_size": [32, 48, 32],
-            "epoch_length": 20,
+            "epoch_length": 6,  # the baseline classifier's 3D epochs too (the stages share the id)
             "max_epochs": 1,
-            "batch_size": 1,
             **QUICK_ICAM,
             "test_max_cases": 6,
             "ig_steps": 50,
@@ -145,14 +144,14 @@ RUNS = [
     Run(
         "attr_constraint",
         "brain_tumour",
-        quick={"synthetic_params": {"spatial_dims": 2, "shape": [64, 80], "n": 300}, **QUICK_TUMOUR}
+        quick={"synthetic_params": {"spatial_dims": 2, "shape": [64, 80], "n": 240}, **QUICK_TUMOUR}
         | QUICK_ATTRIBUTION,
     ),
     Run(
         "attr_constraint",
         "brain_ms",
         pipeline="pipeline_ms.json",
-        quick={"synthetic_params": {"spatial_dims": 2, "shape": [64, 80], "n": 300}, **QUICK_TUMOUR}
+        quick={"synthetic_params": {"spatial_dims": 2, "shape": [64, 80], "n": 240}, **QUICK_TUMOUR}
         | QUICK_ATTRIBUTION,
     ),
     Run(
