@@ -14,20 +14,27 @@ bundles' own AMP setting there.
    preset (``brain3d.json``; TVD score: ``ellipses.json``), on a small synthetic data set of the stage's own recipe
    generated into a temporary folder. The config's ``train#trainer`` (Ignite engine) runs with the config's ``run``
    handlers attached; a handler times each iteration from fetching its batch to the end of its handlers (validation
-   and checkpoints at epoch ends are never reached), skips the warm-up iterations and stops the engine.
+   and checkpoints at epoch ends are never reached), skips the warm-up iterations and stops the engine. A stage that
+   reads earlier stages' outputs gets them with untrained weights (ACAT: classifier, autoencoder and saliency maps;
+   TVD diffusion: the autoencoder).
 2. Inference: the map each method writes, for one preprocessed image already on the device (NIfTI reading,
    preprocessing and writing excluded), at one 2D size and two 3D sizes, next to integrated gradients (200 steps)
    and occlusion of the attribution-constraint PatchGAN classifier at the same size
    (``common.attribution.baselines.attribute``, as the bundles' evaluations run them); ratios method / baseline.
+   ACAT, a slice-wise method for 11-slice CT, runs on the 2D size (one slice) and on its own CT volume (64x64x11),
+   against the baselines on its own slice classifier there.
 3. TVD score: guided samples per second of ``evaluate#sample_fn`` (the bundle's own sampler) with DDIM (50 steps)
    and DDPM (1000 steps) at the default latent size.
 
 Each measurement runs in its own process forked from a server that has imported torch and the bundles' code once
 (``multiprocessing`` forkserver), so peak memory is the item's own: on CUDA ``torch.cuda.max_memory_allocated`` above
 the memory allocated after the networks are built; on the CPU the peak resident memory (``VmHWM``, reset through
-``/proc/self/clear_refs`` after the build) above the resident memory after the build. Times are medians over the
-timed repeats after the warm-up ones. The report (markdown + JSON) gives the command, machine, date, the run's wall
-time and how much CPU other processes used meanwhile (sampled from ``/proc``).
+``/proc/self/clear_refs`` after the build) above the resident memory after the build. Map and sample times are
+medians over the timed calls after the warm-up ones; training times are means (throughput). The report (markdown +
+JSON) gives the command, machine, date, the run's wall time and how much CPU other processes used meanwhile (sampled
+from ``/proc``). On a CPU shared with other jobs, ``--threads 1`` gives steadier numbers: torch's threads wait for
+each other at every operation, and with the cores busy a 2-thread VA-GAN iteration of 32x32 images took 16-30 s
+instead of 0.4 s with one thread.
 """
 
 from __future__ import annotations
@@ -166,9 +173,10 @@ PROFILES = {
         tvd_samples=None,
     ),
     "quick": Profile(
-        description="128x160x128 left out; 3D occlusion in non-overlapping 24^3 blocks (80 passes at 96x112x96); "
+        description="128x160x128 left out; 3D occlusion in non-overlapping 24^3 blocks; "
         "no warm-up before a 3D training iteration or map, so those times include first-call overheads; "
-        "training iterations stop after 30 s of timed ones; one sample per TVD sampler. IG keeps its 200 steps "
+        "training iterations stop after 30 s of timed ones; one sample per TVD sampler (a sample costs more alone "
+        "than in the full run, which draws the evaluate config's sample_batch_size at once). IG keeps its 200 steps "
         "and the samplers their 50 / 1000 steps",
         sizes=("128x160", "96x112x96"),
         train_warmup_2d=1,
