@@ -66,6 +66,8 @@ import torch  # noqa: E402
 from ignite.engine import Events  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
+from common.pipeline import read_stages  # noqa: E402
+
 BUNDLES = REPO / "bundles"
 METHODS = ("vagan", "icam", "attr_constraint", "acat", "tvd_score")
 PARTS = ("training", "inference", "tvd")
@@ -94,7 +96,7 @@ class TrainingSetting:
 def _pipeline_stages(method: str, pipeline_file: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The training stages of a multi-stage bundle, as its pipeline file lists them (evaluation and the ACAT saliency
     pass are not training: the saliency pass is timed as ACAT's inference)."""
-    stages = json.loads((BUNDLES / method / "configs" / pipeline_file).read_text())["stages"]
+    stages = read_stages(BUNDLES / method, pipeline_file)
     return tuple((s["name"], tuple(s["configs"])) for s in stages if s["name"] not in ("evaluate", "saliency"))
 
 
