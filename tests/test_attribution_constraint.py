@@ -30,6 +30,10 @@ def test_double_backprop_gradient_matches_finite_differences(mode):
     y = torch.tensor([0, 1, 0, 1])
     mask = (torch.rand(4, 1, 6, 6) > 0.7).double()
     loss_fn = AttributionConstraintLoss(alpha=3.0, method="G", mode=mode)
+    _assert_weight_gradient_matches_finite_differences(model, loss_fn, x, y, mask)
+
+
+def _assert_weight_gradient_matches_finite_differences(model, loss_fn, x, y, mask):
     loss_fn(model, x, y, mask)["loss"].backward()
     weight = model.conv.weight
     analytic = weight.grad.clone()
@@ -79,6 +83,57 @@ def test_the_constraint_moves_healthy_attribution_negative():
         loss_fn(model, x, y)["loss"].backward()
         optimiser.step()
     assert loss_fn(model, x, y)["attribution_loss"].item() < before
+
+
+class TinyNormed(nn.Module):
+    """Tiny with a batch norm, whose running statistics stay fixed (momentum 0) so that repeated
+    training-mode calls see the same function (finite differences)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3, momentum=0.0)
+        self.head = nn.Linear(3, 1)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-0.5, 0.5)
+            self.norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["unsupervised", "supervised", "ross"])
+def test_running_statistics_constraint_gradient_matches_finite_differences(mode):
+    torch.manual_seed(0)
+    model = TinyNormed().double()
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1])
+    mask = (torch.rand(4, 1, 6, 6) > 0.7).double()
+    loss_fn = AttributionConstraintLoss(alpha=3.0, method="G", mode=mode, batch_norm="running")
+    _assert_weight_gradient_matches_finite_differences(model, loss_fn, x, y, mask)
+    assert model.training  # the attribution pass put it back in training mode
+
+
+def test_running_statistics_map_is_the_inference_map_of_each_constrained_image():
+    torch.manual_seed(0)
+    model = TinyNormed()
+    x = torch.randn(6, 1, 6, 6)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    out = AttributionConstraintLoss(alpha=2.0, batch_norm="running")(model, x, y)
+    model.eval()
+    healthy = x[y == 0].clone().requires_grad_(True)
+    (inference_map,) = torch.autograd.grad(model(healthy).sum(), healthy)
+    assert out["attribution"].shape == (3, 1, 6, 6)
+    assert torch.allclose(out["attribution"], inference_map, atol=1e-6)
+    assert torch.allclose(out["attribution_loss"], torch.nn.functional.softplus(inference_map).mean(), atol=1e-6)
+    # The training-mode map of the same images differs: it goes through the batch statistics.
+    model.train()
+    batch_map = AttributionConstraintLoss(alpha=2.0, batch_norm="batch")(model, x, y)["attribution"][y == 0]
+    assert not torch.allclose(batch_map, inference_map, atol=1e-3)
+    # The classification term still comes from the training forward pass.
+    assert torch.allclose(out["logits"], model(x), atol=1e-6)
+    with pytest.raises(ValueError, match="batch_norm 'frozen' is unknown"):
+        AttributionConstraintLoss(batch_norm="frozen")
 
 
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 64, 64)), (3, (1, 1, 32, 32, 32))])

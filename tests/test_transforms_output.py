@@ -130,3 +130,14 @@ def test_percentile_intensity_maps_the_images_own_percentiles_to_minus_one_and_o
     assert abs(float(scaled.flatten()[int(np.argmin(np.abs(image.flatten().numpy() - median)))]) - expected) < 0.01
     with pytest.raises(ValueError, match="percentiles"):
         intensity_transform("image", "percentile")
+
+
+def test_std_intensity_divides_by_the_standard_deviation_and_keeps_a_zero_background():
+    from common.data.transforms import intensity_transform
+
+    image = torch.zeros(1, 8, 8)
+    image[:, 2:6, 2:6] = torch.linspace(1.0, 3.0, 16).reshape(4, 4)
+    scaled = intensity_transform("image", "std")({"image": image})["image"]
+    assert torch.equal(scaled[image == 0], torch.zeros(int((image == 0).sum())))  # background stays 0
+    assert torch.allclose(scaled, image / image.std(unbiased=False), atol=1e-6)  # no mean shift, unit sd
+    assert float(scaled.std(unbiased=False)) == pytest.approx(1.0, abs=1e-5)

@@ -37,7 +37,7 @@ from monai.transforms import (
 from common.errors import ImageFileError
 
 AXCODES = {2: "RA", 3: "RAS"}
-INTENSITY_MODES = ("none", "minmax", "range", "percentile", "zscore")
+INTENSITY_MODES = ("none", "minmax", "range", "percentile", "zscore", "std")
 RESIZE_MODES = ("pad_crop", "resize")
 
 
@@ -123,7 +123,8 @@ class CheckImaged(MapTransform):
 
 def intensity_transform(keys: KeysCollection, mode: str = "minmax", a_min=None, a_max=None, b_min=-1.0, b_max=1.0):
     """One intensity step: ``minmax`` to [b_min, b_max], fixed ``range`` (e.g. CT HU), ``percentile`` (a_min / a_max
-    are percentiles of each image, clipped outside), ``zscore`` or ``none``."""
+    are percentiles of each image, clipped outside), ``zscore``, ``std`` (divided by the image's standard deviation
+    without subtracting its mean, so a zero background stays zero) or ``none``."""
     if mode == "none":
         return None
     if mode == "minmax":
@@ -138,6 +139,8 @@ def intensity_transform(keys: KeysCollection, mode: str = "minmax", a_min=None, 
         return ScaleIntensityRangePercentilesd(keys, lower=a_min, upper=a_max, b_min=b_min, b_max=b_max, clip=True)
     if mode == "zscore":
         return NormalizeIntensityd(keys, nonzero=False)
+    if mode == "std":
+        return NormalizeIntensityd(keys, subtrahend=0.0, nonzero=False)
     raise ValueError(f"intensity mode '{mode}' is unknown; expected one of {INTENSITY_MODES}")
 
 
@@ -177,7 +180,8 @@ def image_transforms(
         map_keys: continuous images on the same grid (ground-truth effect maps), resampled linearly.
         mask_keys: label images (lesion masks, region labels), resampled with nearest neighbour.
         intensity: ``minmax`` ([-1, 1]), ``range`` (``a_min``..``a_max`` -> [-1, 1], clipped), ``percentile``
-            (the image's ``a_min``-th..``a_max``-th percentiles -> [-1, 1], clipped), ``zscore``, ``none``.
+            (the image's ``a_min``-th..``a_max``-th percentiles -> [-1, 1], clipped), ``zscore``, ``std`` (divided
+            by the standard deviation, no mean subtracted: zero stays zero), ``none``.
         pixdim: resample to this voxel spacing first (``None``: keep the file's spacing).
         resize: ``pad_crop`` (keep resolution, centre pad/crop) or ``resize`` (interpolate to the size).
         channels: expected channel count of the image (``None``: any).

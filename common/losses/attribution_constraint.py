@@ -11,7 +11,17 @@
 - ``none``: no constraint (the unconstrained baseline, same as alpha_A = 0).
 
 A(x) is one of G, IG, EG, IEG from :func:`common.attribution.differentiable_attribution`, kept in
-the graph (double backprop). For G the classification term reuses the attribution's forward pass.
+the graph (double backprop). ``batch_norm`` says which batch-norm statistics the constrained map is
+taken with (the paper does not say):
+
+- ``batch``: the training forward pass, with the statistics of the whole batch. For G the
+  classification term reuses the attribution's forward pass. Through the batch statistics each
+  image's map then also carries the other images' logits (the gradient of the summed logits with
+  respect to one image includes the others' dependence on the batch mean and variance), and it is
+  not the map that inference computes.
+- ``running``: the classification term from the training forward pass; the map of the constrained
+  images only (healthy ones, or annotated patients in the supervised mode) from a second pass with
+  the running statistics, i.e. per image and exactly as evaluation and inference compute it.
 Each L_A is a mean over voxels and images, so alpha_A does not depend on the image size; the
 paper's alpha_A values (1e8 for G) belong to its own reduction and scale: see the bundle docs for
 the calibrated value.
@@ -22,10 +32,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from common.attribution import differentiable_attribution
 
 CONSTRAINT_MODES = ("unsupervised", "supervised", "ross", "none")
+BATCH_NORM_STATISTICS = ("batch", "running")
 
 
 class AttributionConstraintLoss(nn.Module):
@@ -36,28 +48,47 @@ class AttributionConstraintLoss(nn.Module):
         method: attribution used in the constraint: ``G`` (default), ``IG``, ``EG`` or ``IEG``.
         mode: one of :data:`CONSTRAINT_MODES`.
         p_null: IEG's probability of the null baseline (0.25).
+        batch_norm: statistics of the constrained map, one of :data:`BATCH_NORM_STATISTICS` (see the
+            module's docstring).
     """
 
-    def __init__(self, alpha: float = 1.0, method: str = "G", mode: str = "unsupervised", p_null: float = 0.25):
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        method: str = "G",
+        mode: str = "unsupervised",
+        p_null: float = 0.25,
+        batch_norm: str = "batch",
+    ):
         super().__init__()
         if mode not in CONSTRAINT_MODES:
             raise ValueError(f"mode '{mode}' is unknown; expected one of {CONSTRAINT_MODES}")
+        if batch_norm not in BATCH_NORM_STATISTICS:
+            raise ValueError(f"batch_norm '{batch_norm}' is unknown; expected one of {BATCH_NORM_STATISTICS}")
+        self.batch_norm = batch_norm
         self.alpha = float(alpha)
         self.method = method
         self.mode = mode
         self.p_null = p_null
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        """Returns ``{"loss", "bce", "attribution_loss", "logits", "attribution"}`` (attribution may be None)."""
+        """Returns ``{"loss", "bce", "attribution_loss", "logits", "attribution"}`` (attribution may be None).
+
+        ``attribution`` holds the map of every image (``batch_norm="batch"``) or of the constrained
+        images only (``"running"``; None when the batch has none)."""
         y = y.reshape(-1).to(x.dtype)
         if self.mode == "none" or self.alpha == 0.0:
             logits = model(x)
             bce = F.binary_cross_entropy_with_logits(logits.reshape(-1), y)
             zero = bce.new_zeros(())
             return {"loss": bce, "bce": bce, "attribution_loss": zero, "logits": logits, "attribution": None}
+        if self.batch_norm == "running":
+            return self._with_running_statistics(model, x, y, mask)
         attribution, logits = differentiable_attribution(model, x, self.method, p_null=self.p_null)
         bce = F.binary_cross_entropy_with_logits(logits.reshape(-1), y)
-        term = self._constraint(attribution, y, mask)
+        return self._result(bce, self._constraint(attribution, y, mask), logits, attribution)
+
+    def _result(self, bce, term, logits, attribution) -> dict:
         return {
             "loss": bce + self.alpha * term,
             "bce": bce,
@@ -66,18 +97,41 @@ class AttributionConstraintLoss(nn.Module):
             "attribution": attribution,
         }
 
-    def _constraint(self, attribution: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _with_running_statistics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask) -> dict:
+        logits = model(x)
+        bce = F.binary_cross_entropy_with_logits(logits.reshape(-1), y)
+        selected = self._constrained_images(y, mask)
+        attribution = None
+        term = logits.sum() * 0.0  # keeps the graph when no image of the constrained class is here
+        if bool(selected.any()):
+            # The plain module: a second forward through a DDP wrapper would prepare its gradient
+            # reduction twice; the parameters (and their reduction hooks) are the same.
+            plain = model.module if isinstance(model, DistributedDataParallel) else model
+            was_training = plain.training
+            plain.eval()
+            try:
+                references = torch.roll(x, shifts=1, dims=0)[selected] if self.method in ("EG", "IEG") else None
+                attribution, _ = differentiable_attribution(
+                    plain, x[selected], self.method, references=references, p_null=self.p_null
+                )
+            finally:
+                plain.train(was_training)
+            term = self._constraint(attribution, y[selected], None if mask is None else mask[selected])
+        return self._result(bce, term, logits, attribution)
+
+    def _constrained_images(self, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.mode == "supervised":
             if mask is None:
                 raise ValueError("the supervised constraint needs lesion masks (a 'mask' per patient)")
-            selected = y > 0.5
-            target = mask.to(attribution.dtype)
-        else:
-            selected = y < 0.5
-            target = torch.zeros_like(attribution)
+            return y > 0.5
+        return y < 0.5
+
+    def _constraint(self, attribution: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        selected = self._constrained_images(y, mask)
         if not bool(selected.any()):
             return attribution.sum() * 0.0  # keeps the graph; no image of the constrained class here
         a = attribution[selected]
         if self.mode == "ross":
             return (a**2).mean()
-        return F.binary_cross_entropy_with_logits(a, target[selected])
+        target = mask.to(a.dtype)[selected] if self.mode == "supervised" else torch.zeros_like(a)
+        return F.binary_cross_entropy_with_logits(a, target)
