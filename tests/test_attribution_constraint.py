@@ -102,6 +102,7 @@ class TinyNormed(nn.Module):
         return self.head(torch.tanh(self.norm(self.conv(x))).mean((2, 3)))
 
 
+# Not "detached": it holds the batch statistics constant on purpose, so its gradient is not the full one.
 @pytest.mark.parametrize("mode", ["unsupervised", "supervised", "ross"])
 def test_running_statistics_constraint_gradient_matches_finite_differences(mode):
     torch.manual_seed(0)
@@ -134,6 +135,35 @@ def test_running_statistics_map_is_the_inference_map_of_each_constrained_image()
     assert torch.allclose(out["logits"], model(x), atol=1e-6)
     with pytest.raises(ValueError, match="batch_norm 'frozen' is unknown"):
         AttributionConstraintLoss(batch_norm="frozen")
+
+
+def test_detached_map_normalises_each_image_with_the_batch_statistics_held_constant():
+    torch.manual_seed(0)
+    model = TinyNormed()
+    x = torch.randn(6, 1, 6, 6)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    running = (model.norm.running_mean.clone(), model.norm.running_var.clone())
+    out = AttributionConstraintLoss(alpha=2.0, batch_norm="detached")(model, x, y)
+    assert model.training and model.norm.running_mean.equal(running[0]) and model.norm.running_var.equal(running[1])
+    with torch.no_grad():
+        features = model.conv(x)
+    expected = TinyNormed()
+    expected.load_state_dict(model.state_dict())
+    expected.norm.running_mean.copy_(features.mean((0, 2, 3)))
+    expected.norm.running_var.copy_(features.var((0, 2, 3), unbiased=False))
+    expected.eval()
+    healthy = x[y == 0].clone().requires_grad_(True)
+    (per_image_map,) = torch.autograd.grad(expected(healthy).sum(), healthy)
+    assert torch.allclose(out["attribution"], per_image_map, atol=1e-5)
+    # the batch statistics differ from the running ones, so this is not the running-statistics map
+    running_map = AttributionConstraintLoss(alpha=2.0, batch_norm="running")(model, x, y)["attribution"]
+    assert not torch.allclose(running_map, per_image_map, atol=1e-3)
+    # a weight scale before the batch norm leaves the detached map unchanged (the running one grows)
+    with torch.no_grad():
+        model.conv.weight.mul_(10.0)
+        model.conv.bias.mul_(10.0)
+    scaled = AttributionConstraintLoss(alpha=2.0, batch_norm="detached")(model, x, y)["attribution"]
+    assert torch.allclose(scaled, out["attribution"], atol=1e-4)
 
 
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 64, 64)), (3, (1, 1, 32, 32, 32))])

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.bundle_runner import REPO, monai_bundle_run_args, run_bundle
@@ -144,7 +145,10 @@ def test_tvd_score_trains_every_stage_on_two_processes(tmp_path):
     assert len(scales) == WORLD and len(set(scales)) == 1, scales
 
 
-def test_attr_constraint_trains_on_two_processes(tmp_path):
+# "running" and "detached": the constrained maps come from a second forward pass of the plain module inside the
+# DDP wrapper, whose gradients must be averaged with the rest
+@pytest.mark.parametrize("constraint_batch_norm", ["batch", "running", "detached"])
+def test_attr_constraint_trains_on_two_processes(tmp_path, constraint_batch_norm):
     epochs, batch = 2, 4
     torchrun(
         "attr_constraint",
@@ -155,6 +159,7 @@ def test_attr_constraint_trains_on_two_processes(tmp_path):
         ("batch_size", batch),
         ("max_epochs", epochs),
         ("alpha_A", 10.0),
+        ("constraint_batch_norm", constraint_batch_norm),
     )
     # the processes saw different images (their own shard, their own augmentation seed): equal weights at the
     # end mean the gradients were averaged at every step

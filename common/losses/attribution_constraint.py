@@ -21,7 +21,12 @@ taken with (the paper does not say):
   not the map that inference computes.
 - ``running``: the classification term from the training forward pass; the map of the constrained
   images only (healthy ones, or annotated patients in the supervised mode) from a second pass with
-  the running statistics, i.e. per image and exactly as evaluation and inference compute it.
+  the running statistics, i.e. per image and exactly as evaluation and inference compute it. The
+  running statistics lag behind the weights, so the constraint can inflate the weights before a
+  batch norm to inflate the map, which the batch statistics of the classification pass then undo.
+- ``detached``: as ``running``, but the second pass normalises with the statistics that the
+  classification pass measured on this batch, held constant: each image's map is its own (no
+  terms through the other images), and it scales with the weights as the classification does.
 Each L_A is a mean over voxels and images, so alpha_A does not depend on the image size; the
 paper's alpha_A values (1e8 for G) belong to its own reduction and scale: see the bundle docs for
 the calibrated value.
@@ -32,12 +37,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from common.attribution import differentiable_attribution
 
 CONSTRAINT_MODES = ("unsupervised", "supervised", "ross", "none")
-BATCH_NORM_STATISTICS = ("batch", "running")
+BATCH_NORM_STATISTICS = ("batch", "running", "detached")
 
 
 class AttributionConstraintLoss(nn.Module):
@@ -82,8 +88,8 @@ class AttributionConstraintLoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits.reshape(-1), y)
             zero = bce.new_zeros(())
             return {"loss": bce, "bce": bce, "attribution_loss": zero, "logits": logits, "attribution": None}
-        if self.batch_norm == "running":
-            return self._with_running_statistics(model, x, y, mask)
+        if self.batch_norm != "batch":
+            return self._with_separate_attribution_pass(model, x, y, mask)
         attribution, logits = differentiable_attribution(model, x, self.method, p_null=self.p_null)
         bce = F.binary_cross_entropy_with_logits(logits.reshape(-1), y)
         return self._result(bce, self._constraint(attribution, y, mask), logits, attribution)
@@ -97,24 +103,41 @@ class AttributionConstraintLoss(nn.Module):
             "attribution": attribution,
         }
 
-    def _with_running_statistics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask) -> dict:
-        logits = model(x)
+    def _with_separate_attribution_pass(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask) -> dict:
+        # The plain module: a second forward through a DDP wrapper would prepare its gradient
+        # reduction twice; the parameters (and their reduction hooks) are the same.
+        plain = model.module if isinstance(model, DistributedDataParallel) else model
+        measured = {}
+        if self.batch_norm == "detached":
+            norms = [m for m in plain.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+            hooks = [norm.register_forward_hook(_record_input_statistics(measured)) for norm in norms]
+            try:
+                logits = model(x)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        else:
+            logits = model(x)
         bce = F.binary_cross_entropy_with_logits(logits.reshape(-1), y)
         selected = self._constrained_images(y, mask)
         attribution = None
         term = logits.sum() * 0.0  # keeps the graph when no image of the constrained class is here
         if bool(selected.any()):
-            # The plain module: a second forward through a DDP wrapper would prepare its gradient
-            # reduction twice; the parameters (and their reduction hooks) are the same.
-            plain = model.module if isinstance(model, DistributedDataParallel) else model
             was_training = plain.training
+            # New tensors are swapped in and the originals put back afterwards, never written in
+            # place: the attribution graph keeps the statistics it normalised with for its backward.
+            kept = {norm: (norm.running_mean, norm.running_var) for norm in measured}
             plain.eval()
             try:
+                for norm, (mean, var) in measured.items():
+                    norm.running_mean, norm.running_var = mean, var
                 references = torch.roll(x, shifts=1, dims=0)[selected] if self.method in ("EG", "IEG") else None
                 attribution, _ = differentiable_attribution(
                     plain, x[selected], self.method, references=references, p_null=self.p_null
                 )
             finally:
+                for norm, (mean, var) in kept.items():
+                    norm.running_mean, norm.running_var = mean, var
                 plain.train(was_training)
             term = self._constraint(attribution, y[selected], None if mask is None else mask[selected])
         return self._result(bce, term, logits, attribution)
@@ -135,3 +158,15 @@ class AttributionConstraintLoss(nn.Module):
             return (a**2).mean()
         target = mask.to(a.dtype)[selected] if self.mode == "supervised" else torch.zeros_like(a)
         return F.binary_cross_entropy_with_logits(a, target)
+
+
+def _record_input_statistics(measured: dict):
+    """A forward hook that stores, per batch norm, the batch mean and biased variance of its input as
+    constants: what the layer normalised with in training mode."""
+
+    def hook(norm: _BatchNorm, inputs, output):
+        data = inputs[0].detach()
+        dims = [0, *range(2, data.ndim)]
+        measured[norm] = (data.mean(dims), data.var(dims, unbiased=False))
+
+    return hook
