@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DistributedDataParallel
 
 from common.attribution import differentiable_attribution
+from common.engines.distributed import unwrap
 
 CONSTRAINT_MODES = ("unsupervised", "supervised", "ross", "none")
 BATCH_NORM_STATISTICS = ("batch", "running", "detached")
@@ -81,7 +81,7 @@ class AttributionConstraintLoss(nn.Module):
         """Returns ``{"loss", "bce", "attribution_loss", "logits", "attribution"}`` (attribution may be None).
 
         ``attribution`` holds the map of every image (``batch_norm="batch"``) or of the constrained
-        images only (``"running"``; None when the batch has none)."""
+        images only (``"running"``, ``"detached"``; None when the batch has none)."""
         y = y.reshape(-1).to(x.dtype)
         if self.mode == "none" or self.alpha == 0.0:
             logits = model(x)
@@ -106,7 +106,7 @@ class AttributionConstraintLoss(nn.Module):
     def _with_separate_attribution_pass(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask) -> dict:
         # The plain module: a second forward through a DDP wrapper would prepare its gradient
         # reduction twice; the parameters (and their reduction hooks) are the same.
-        plain = model.module if isinstance(model, DistributedDataParallel) else model
+        plain = unwrap(model)
         measured = {}
         if self.batch_norm == "detached":
             norms = [m for m in plain.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
