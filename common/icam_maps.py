@@ -294,7 +294,7 @@ def paired_image_transforms(
     :func:`common.data.transforms.image_transforms` (``intensity``, ``resize``, ...)."""
     pair = image_transforms(spatial_dims, spatial_size, image_key=pair_key, **kwargs)
     image = image_transforms(spatial_dims, spatial_size, map_keys=[target_key], keep=[*keep, pair_key], **kwargs)
-    return Compose([pair, image])
+    return Compose([pair, image]).flatten()
 
 
 def patient_items(
