@@ -60,6 +60,9 @@ def test_training_logs_the_constraint_and_keeps_checkpoints(trained):
     assert (models / "unconstrained" / "model.pt").is_file()
     log = train.stdout + train.stderr
     assert "val_accuracy" in log and "val_tpr" in log and "attribution_loss" in log
+    # the warm-up (to epoch 30) outlasts this 2-epoch run: epoch 1 is not validated, the last epoch always is
+    validated = [line.split("Epoch[")[1].split("]")[0] for line in log.splitlines() if "Metrics -- val_acc" in line]
+    assert validated == ["2"]
     # alpha_A > 0: the logged attribution loss is the BCE of healthy-voxel attributions (log 2 at zero).
     losses = [
         float(line.split("attribution_loss: ")[1].split()[0])
@@ -73,10 +76,17 @@ def test_training_logs_the_constraint_and_keeps_checkpoints(trained):
 def test_selection_warm_up_keeps_a_model_from_after_it(tmp_path):
     root = tmp_path
     common = _tiny(root)
-    # patience 1 could stop at epoch 2; with the warm-up to epoch 3 neither early stopping nor the
-    # best-model checkpoint may act before it, so model.pt is the epoch-3 network (the default keeps the
+    # validated every epoch, patience 1 could stop at epoch 2; with the warm-up to epoch 3 neither early stopping
+    # nor the best-model checkpoint may act before it, so model.pt is the epoch-3 network (the default keeps the
     # moving average of the weights, which changes every step, so an earlier epoch's would differ)
-    run_bundle(["train.json"], *common, ("max_epochs", 3), ("early_stop_patience", 1), ("selection_start_epoch", 3))
+    run_bundle(
+        ["train.json"],
+        *common,
+        ("max_epochs", 3),
+        ("early_stop_patience", 1),
+        ("selection_start_epoch", 3),
+        ("warmup_val_interval", 1),
+    )
     models = root / "bundle" / "models"
     kept = torch.load(models / "model.pt", weights_only=True)
     last = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)["classifier_ema"]

@@ -18,7 +18,12 @@ from common.handlers.metrics import (
     TopPDice,
     TopPIoU,
 )
-from common.handlers.selection import AverageBuffersAcrossProcesses, RefreshBatchNorm, SelectionWarmup
+from common.handlers.selection import (
+    AverageBuffersAcrossProcesses,
+    RefreshBatchNorm,
+    SelectionWarmup,
+    WarmupValidationHandler,
+)
 
 __all__ = [
     "AUPRC",
@@ -40,4 +45,5 @@ __all__ = [
     "TensorBoardAttributionMaps",
     "TensorBoardOutputImages",
     "TopPIoU",
+    "WarmupValidationHandler",
 ]
