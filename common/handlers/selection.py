@@ -53,7 +53,9 @@ class WarmupValidationHandler(ValidationHandler):
         super().__init__(interval=interval, validator=validator, epoch_level=True)
         if int(interval) < 1 or int(warmup_interval) < 1 or int(start_epoch) < 1:
             raise ValueError(
-                f"interval={interval}, warmup_interval={warmup_interval}, start_epoch={start_epoch}; expected >= 1"
+                f"WarmupValidationHandler: interval={interval}, warmup_interval={warmup_interval}, "
+                f"start_epoch={start_epoch} (in train.json: val_interval, warmup_val_interval, selection_start_epoch); "
+                "expected >= 1 each"
             )
         self.start_epoch = int(start_epoch)
         self.warmup_interval = int(warmup_interval)
