@@ -31,6 +31,7 @@ from torch import nn
 
 from common.attribution import attribute
 from common.attribution.counterfactual import (
+    GRAD_CAM_CHANNEL_WEIGHTS,
     counterfactual_saliency,
     inside_window,
     latent_shift_saliency,
@@ -48,7 +49,9 @@ class SaliencyMaps(nn.Module):
     """``volume (B, 1, X, Y, S) -> saliency (B, 1, X, Y, S)`` of the baseline ``classifier``.
 
     ``counterfactual`` (paper Eq. 3-4) and ``latent_shift`` (Cohen et al.) also need the
-    ``autoencoder``; ``gradient`` and ``grad_cam`` explain the class the classifier predicts.
+    ``autoencoder``; ``gradient`` and ``grad_cam`` explain ``comparator_target`` (a class index;
+    ``None``: the class the classifier predicts for each volume) and ``grad_cam_weights`` is
+    :func:`~common.attribution.counterfactual.slice_grad_cam`'s ``channel_weights``.
     Every map is non-negative and normalised to [0, 1] per volume, as ACAT's saliency input is.
     ``tissue_only``: every method's map is zero outside the intensity window (air and bone of a
     windowed CT, see :func:`common.attribution.counterfactual.inside_window`), where no lesion can
@@ -67,16 +70,23 @@ class SaliencyMaps(nn.Module):
         step_size: float = 0.1,
         targets: Sequence[int] | None = None,
         tissue_only: bool = True,
+        comparator_target: int | None = None,
+        grad_cam_weights: str = "half_slice",
     ):
         super().__init__()
         if method not in SALIENCY_METHODS:
             raise ValueError(f"saliency method '{method}' is unknown; expected one of {SALIENCY_METHODS}")
+        if grad_cam_weights not in GRAD_CAM_CHANNEL_WEIGHTS:
+            expected = f"expected one of {GRAD_CAM_CHANNEL_WEIGHTS}"
+            raise ValueError(f"grad_cam_weights='{grad_cam_weights}' is unknown; {expected}")
         if method in ("counterfactual", "latent_shift") and autoencoder is None:
             raise ValueError(f"saliency method '{method}' needs the autoencoder")
         self.classifier = classifier
         self.autoencoder = autoencoder
         self.method = method
         self.tissue_only = tissue_only
+        self.comparator_target = comparator_target
+        self.grad_cam_weights = grad_cam_weights
         self.counterfactual_kwargs = {
             "alpha": alpha,
             "steps": steps,
@@ -103,12 +113,15 @@ class SaliencyMaps(nn.Module):
                 )
             if self.method == "latent_shift":
                 return latent_shift_saliency(self.classifier, self.autoencoder, volume, region=region)
-            with torch.no_grad():
-                predicted = self.classifier(volume).argmax(dim=1)
-            if self.method == "gradient":
-                raw = attribute(self.classifier, volume, "gradient", target_class=predicted).abs()
+            if self.comparator_target is None:
+                with torch.no_grad():
+                    target = self.classifier(volume).argmax(dim=1)
             else:
-                raw = slice_grad_cam(self.classifier, volume, predicted)
+                target = self.comparator_target
+            if self.method == "gradient":
+                raw = attribute(self.classifier, volume, "gradient", target_class=target).abs()
+            else:
+                raw = slice_grad_cam(self.classifier, volume, target, channel_weights=self.grad_cam_weights)
         raw = raw.detach()
         return normalise_per_sample(raw if region is None else raw * region)
 

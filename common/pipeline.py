@@ -44,8 +44,10 @@ def read_stages(bundle: Path, pipeline: str = "pipeline.json") -> list[dict]:
 
 
 def cli_value(value) -> str:
-    """A config id's value as ``monai.bundle run`` reads it on the command line (JSON unless already a string)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """A config id's value as ``monai.bundle run`` reads it on the command line: a Python literal
+    unless already a string, since its parser (python-fire) reads ``False``, ``None`` and ``[0, 'a']``
+    but leaves JSON's ``false`` and ``null`` as the strings 'false' and 'null' (and a string is true)."""
+    return value if isinstance(value, str) else repr(value)
 
 
 def stage_command(bundle: Path, stage: dict, overrides: list[str]) -> list[str]:

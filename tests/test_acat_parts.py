@@ -6,7 +6,7 @@ from captum.attr import LayerGradCam
 from monai.networks.blocks import ResidualUnit
 from torch import nn
 
-from common.acat import fine_tuning_groups
+from common.acat import SaliencyMaps, fine_tuning_groups
 from common.attribution import attribute
 from common.attribution.counterfactual import (
     counterfactual_saliency,
@@ -303,6 +303,49 @@ def test_grad_cam_matches_captum_where_captum_applies():
     theirs = LayerGradCam(model, model.cnn.layers[-1]).attribute(x, target=[0, 3], relu_attributions=True)
     theirs = nn.functional.interpolate(theirs, size=(32, 32), mode="bilinear", align_corners=False)
     assert torch.allclose(ours[..., 0], theirs, atol=1e-6) and ours.abs().sum() > 0
+
+
+def test_grad_cam_volume_weights_follow_the_formula():
+    """channel_weights="volume": one weight per channel, the mean of dscore/dA over every half slice
+    of the volume; "half_slice": per half slice. Checked against the activations and gradients
+    captured by hand, and the two differ on a volume of several slices."""
+    torch.manual_seed(0)
+    model = SliceClassifier().eval()
+    x = torch.randn(2, 1, 32, 32, 3)
+    captured = []
+    hook = model.cnn.layers[-1].register_forward_hook(lambda module, inputs, output: captured.append(output))
+    logits = model(x)
+    hook.remove()
+    (gradient,) = torch.autograd.grad(logits[:, 2].sum(), captured[0])
+    activation = captured[0].detach()
+    per_volume = gradient.reshape(2, 6, *gradient.shape[1:]).mean(dim=(1, 3, 4))  # (B, C)
+    expected = torch.stack([(per_volume[i // 6, :, None, None] * activation[i]).sum(0) for i in range(12)])
+    expected = nn.functional.interpolate(expected.clamp(min=0)[:, None], size=(16, 32), mode="bilinear")
+    expected = model._from_halves(expected, 2)
+    volume_cam = slice_grad_cam(model, x, 2, channel_weights="volume")
+    half_cam = slice_grad_cam(model, x, 2)
+    peak = expected.max()  # an untrained network's cam is ~1e-5: compare relative to its peak
+    assert peak > 0 and torch.allclose(volume_cam / peak, expected / peak, atol=1e-5)
+    assert (volume_cam - half_cam).abs().max() > 0.1 * peak
+    with pytest.raises(ValueError, match="channel_weights"):
+        slice_grad_cam(model, x, 2, channel_weights="slice")
+
+
+def test_saliency_maps_comparator_target():
+    """gradient / Grad-CAM explain the predicted class unless comparator_target names one."""
+    torch.manual_seed(0)
+    model = SliceClassifier().eval()
+    x = torch.randn(2, 1, 32, 32, 3)
+    predicted = model(x).argmax(dim=1)
+    other = int((predicted[0] + 1) % 4)
+    for method in ("gradient", "grad_cam"):
+        default = SaliencyMaps(model, method=method, tissue_only=False)(x)
+        explicit = SaliencyMaps(model, method=method, tissue_only=False, comparator_target=int(predicted[0]))(x[:1])
+        assert torch.allclose(default[:1], explicit, atol=1e-6)
+        elsewhere = SaliencyMaps(model, method=method, tissue_only=False, comparator_target=other)(x[:1])
+        assert not torch.allclose(elsewhere, explicit, atol=1e-3)
+    with pytest.raises(ValueError, match="grad_cam_weights"):
+        SaliencyMaps(model, method="grad_cam", grad_cam_weights="slice")
 
 
 def test_grad_cam_and_gradient_for_acat_and_the_baseline():

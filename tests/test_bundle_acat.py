@@ -97,6 +97,29 @@ def test_evaluation_reports_both_classifiers_and_every_saliency_method(pipeline)
     assert "Localisation" in (out / "saliency_metrics.md").read_text()
 
 
+def test_localisation_benchmark_reruns_the_evaluation_per_protocol_variant(pipeline, tmp_path):
+    """benchmarks/acat_localisation.py: its 'default' variant is the pipeline's own evaluation
+    (same models, same seed: the same scores); a variant runs only the methods it changes."""
+    root, common = pipeline
+    out = tmp_path / "localisation.md"
+    args = [sys.executable, "benchmarks/acat_localisation.py", str(root / "bundle"), "--seeds", "0", "--out", str(out)]
+    args += ["--variants", "default", "grad_cam_volume_no_mask"]
+    for key, value in [*common, ("cf_steps", 3)]:
+        args += [f"--{key}", bundle_runner.cli_value(value)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    variants = root / "bundle" / "eval_localisation"
+    default = json.loads((variants / "default" / "saliency_metrics.json").read_text())
+    pipeline_eval = json.loads((root / "bundle" / "eval" / "saliency_metrics.json").read_text())
+    assert {m: r["localisation"] for m, r in default.items()} == {
+        m: r["localisation"] for m, r in pipeline_eval.items()
+    }
+    changed = json.loads((variants / "grad_cam_volume_no_mask" / "saliency_metrics.json").read_text())
+    assert set(changed) == {"grad_cam"}
+    table = out.read_text()
+    assert "| default |" in table and "| grad_cam_volume_no_mask |" in table and "as default" in table
+
+
 def test_inference_writes_the_saliency_map_in_the_input_space(pipeline, tmp_path):
     root, _ = pipeline
     scan = tmp_path / "ct.nii.gz"

@@ -32,6 +32,7 @@ from common.networks.modes import frozen
 
 # Negative shifts (lower p_c), sorted by size so that among equally good shifts the smallest wins.
 DEFAULT_LAMBDAS = (-1.0, -3.0, -10.0, -30.0, -100.0, -300.0)
+GRAD_CAM_CHANNEL_WEIGHTS = ("half_slice", "volume")
 
 
 def normalise_per_sample(maps: torch.Tensor) -> torch.Tensor:
@@ -237,14 +238,19 @@ def slice_grad_cam(
     target_class: int | torch.Tensor,
     saliency: torch.Tensor | None = None,
     relu: bool = True,
+    channel_weights: str = "half_slice",
 ) -> torch.Tensor:
     """Grad-CAM (B, 1, X, Y, S) on the last convolution layer of a slice classifier's CNN.
 
     Captum's ``LayerGradCam`` and MONAI's ``GradCAM`` cannot be used: they assume the layer's batch
     is the model's batch, but the slice CNN sees B*S*2 half slices while the logits are (B, K). So
     the activation A of the last layer (after its batch norm and ReLU) is captured by a forward hook
-    and its gradient taken with ``torch.autograd.grad``: weights = spatial mean of dscore/dA per
-    half slice and channel, cam = ReLU(sum_c w_c A_c) (``relu=False``: signed). Each half's cam is
+    and its gradient taken with ``torch.autograd.grad``: weights w_c = mean of dscore/dA_c, cam =
+    ReLU(sum_c w_c A_c) (``relu=False``: signed). Grad-CAM averages the gradient over the layer's
+    map, and a slice classifier's map is read two ways: ``channel_weights="half_slice"`` averages
+    over each half slice on its own (each image the 2D CNN sees explained as its own input),
+    ``"volume"`` over every half slice of the volume (one weight per channel and volume: the volume
+    is the classifier's input). The paper does not say which. Each half's cam is
     upsampled bilinearly to (X/2, Y) on its own, so nothing leaks across the midline, the right half
     is un-mirrored and the halves and slices are put back in place.
 
@@ -253,6 +259,8 @@ def slice_grad_cam(
     """
     if isinstance(classifier, ACATClassifier) and saliency is None:
         raise ValueError("an ACAT classifier needs its saliency input")
+    if channel_weights not in GRAD_CAM_CHANNEL_WEIGHTS:
+        raise ValueError(f"channel_weights='{channel_weights}' is unknown; expected one of {GRAD_CAM_CHANNEL_WEIGHTS}")
     batch = volume.shape[0]
     captured: list[torch.Tensor] = []
     hook = classifier.cnn.layers[-1].register_forward_hook(lambda module, inputs, output: captured.append(output))
@@ -268,7 +276,11 @@ def slice_grad_cam(
             (gradient,) = torch.autograd.grad(score, activation)
     finally:
         hook.remove()
-    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    if channel_weights == "half_slice":
+        weights = gradient.mean(dim=(2, 3), keepdim=True)
+    else:
+        per_volume = gradient.reshape(batch, -1, *gradient.shape[1:]).mean(dim=(1, 3, 4), keepdim=True)
+        weights = per_volume.expand(-1, gradient.shape[0] // batch, -1, -1, -1).reshape(*gradient.shape[:2], 1, 1)
     cam = (weights * activation.detach()).sum(dim=1, keepdim=True)
     if relu:
         cam = F.relu(cam)
