@@ -14,9 +14,9 @@ in the lesion's territory, of 6) as mean +/- standard error over the runs, with 
 
 The paper (section 4.4) fixes the score and the methods but not these choices, which decide where a
 coarse map's maximum falls: whether maps are restricted to the windowed tissue (the bundle's default;
-the paper does not say), which class gradient and Grad-CAM explain (the predicted class, or "none",
-the class of the paper's negative counterfactuals) and over what Grad-CAM averages its gradients (each
-half slice the 2D CNN sees, or the whole volume).
+the paper does not say), which class gradient and Grad-CAM explain ("none", the class of the paper's
+negative counterfactuals, by default; or the class the classifier predicts) and over what Grad-CAM
+averages its gradients (each half slice the 2D CNN sees, or the whole volume).
 """
 
 from __future__ import annotations
@@ -40,36 +40,34 @@ ALL_METHODS = ["counterfactual", "latent_shift", "gradient", "grad_cam"]
 COMPARATORS = ["gradient", "grad_cam"]
 # name -> (what it changes, evaluate.json overrides, methods it affects)
 VARIANTS = {
-    "default": ("the bundle's defaults: tissue only, predicted class, Grad-CAM per half slice", {}, ALL_METHODS),
+    "default": ("the bundle's defaults: tissue only, class 'none', Grad-CAM per half slice", {}, ALL_METHODS),
+    "target_predicted": ("gradient and Grad-CAM of the predicted class", {"comparator_target": None}, COMPARATORS),
     "no_tissue_mask": ("maps not restricted to the windowed tissue", {"saliency_tissue_only": False}, ALL_METHODS),
-    "target_none": ("gradient and Grad-CAM of class 'none'", {"comparator_target": 0}, COMPARATORS),
-    "grad_cam_volume": ("Grad-CAM weights over the whole volume", {"grad_cam_weights": "volume"}, ["grad_cam"]),
-    "target_none_no_mask": (
-        "class 'none', no tissue mask",
-        {"comparator_target": 0, "saliency_tissue_only": False},
+    "target_predicted_no_mask": (
+        "predicted class, no tissue mask",
+        {"comparator_target": None, "saliency_tissue_only": False},
         COMPARATORS,
     ),
-    "grad_cam_volume_no_mask": (
-        "Grad-CAM over the volume, no tissue mask",
-        {"grad_cam_weights": "volume", "saliency_tissue_only": False},
+    "grad_cam_volume": ("Grad-CAM weights over the whole volume", {"grad_cam_weights": "volume"}, ["grad_cam"]),
+    "grad_cam_volume_predicted": (
+        "Grad-CAM over the volume, predicted class",
+        {"grad_cam_weights": "volume", "comparator_target": None},
         ["grad_cam"],
     ),
 }
 
 
 def evaluate(run: Path, seed: int, variant: str, extra: list[str]) -> dict:
-    """The variant's saliency metrics of one run (re-used if its output is already there)."""
+    """The variant's saliency metrics of one run (always computed afresh: the defaults may have changed)."""
     _, overrides, methods = VARIANTS[variant]
     output_dir = run / "eval_localisation" / variant
-    metrics = output_dir / "saliency_metrics.json"
-    if not metrics.is_file():
-        stage = next(s for s in read_stages(BUNDLE) if s["name"] == "evaluate")
-        ids = {"seed": seed, "bundle_root": str(run), "output_dir": str(output_dir), "saliency_methods": methods}
-        ids.update(overrides)
-        command = stage_command(BUNDLE, stage, extra + [a for k, v in ids.items() for a in (f"--{k}", cli_value(v))])
-        print("[acat_localisation] " + " ".join(command), flush=True)
-        subprocess.run(command, check=True)
-    return json.loads(metrics.read_text())
+    stage = next(s for s in read_stages(BUNDLE) if s["name"] == "evaluate")
+    ids = {"seed": seed, "bundle_root": str(run), "output_dir": str(output_dir), "saliency_methods": methods}
+    ids.update(overrides)
+    command = stage_command(BUNDLE, stage, extra + [a for k, v in ids.items() for a in (f"--{k}", cli_value(v))])
+    print("[acat_localisation] " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return json.loads((output_dir / "saliency_metrics.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,10 @@ def test_the_defaults_are_the_papers():
     assert train["split_fractions"] == [0.7, 0.15, 0.15] and train["spatial_size"][-1] == 11
     assert train["attention_layers"] == [1, 3, 5]  # after the first, third and fifth convolution
     assert train["network_def"]["_target_"] == "common.networks.ACATClassifier"
+    evaluate = ConfigParser()
+    evaluate.read_config(str(REPO / "bundles" / "acat" / "configs" / "evaluate.json"))
+    # section 4.4: negative counterfactuals, and the comparators explain the same class ("none")
+    assert evaluate["localisation_targets"] == [0] and evaluate["comparator_target"] == 0
     stages = json.loads((REPO / "bundles" / "acat" / "configs" / "pipeline.json").read_text())["stages"]
     assert [s["name"] for s in stages] == ["classifier", "autoencoder", "saliency", "acat", "evaluate"]
 
@@ -103,7 +107,7 @@ def test_localisation_benchmark_reruns_the_evaluation_per_protocol_variant(pipel
     root, common = pipeline
     out = tmp_path / "localisation.md"
     args = [sys.executable, "benchmarks/acat_localisation.py", str(root / "bundle"), "--seeds", "0", "--out", str(out)]
-    args += ["--variants", "default", "grad_cam_volume_no_mask"]
+    args += ["--variants", "default", "grad_cam_volume_predicted"]
     for key, value in [*common, ("cf_steps", 3)]:
         args += [f"--{key}", bundle_runner.cli_value(value)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
@@ -114,10 +118,10 @@ def test_localisation_benchmark_reruns_the_evaluation_per_protocol_variant(pipel
     assert {m: r["localisation"] for m, r in default.items()} == {
         m: r["localisation"] for m, r in pipeline_eval.items()
     }
-    changed = json.loads((variants / "grad_cam_volume_no_mask" / "saliency_metrics.json").read_text())
+    changed = json.loads((variants / "grad_cam_volume_predicted" / "saliency_metrics.json").read_text())
     assert set(changed) == {"grad_cam"}
     table = out.read_text()
-    assert "| default |" in table and "| grad_cam_volume_no_mask |" in table and "as default" in table
+    assert "| default |" in table and "| grad_cam_volume_predicted |" in table and "as default" in table
 
 
 def test_inference_writes_the_saliency_map_in_the_input_space(pipeline, tmp_path):
