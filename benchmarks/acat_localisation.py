@@ -14,9 +14,10 @@ in the lesion's territory, of 6) as mean +/- standard error over the runs, with 
 
 The paper (section 4.4) fixes the score and the methods but not these choices, which decide where a
 coarse map's maximum falls: whether maps are restricted to the windowed tissue (the bundle's default;
-the paper does not say), which class gradient and Grad-CAM explain ("none", the class of the paper's
-negative counterfactuals, by default; or the class the classifier predicts) and over what Grad-CAM
-averages its gradients (each half slice the 2D CNN sees, or the whole volume).
+the paper does not say), which class the comparators explain (by default "none", the class of the
+paper's negative counterfactuals: latent shift moves towards it, gradient and Grad-CAM explain it; or
+the class the classifier predicts, which latent shift moves away from) and over what Grad-CAM averages
+its gradients (each half slice the 2D CNN sees, or the whole volume).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from common.pipeline import cli_value, read_stages, stage_command  # noqa: E402
 
 BUNDLE = Path("bundles/acat")
 ALL_METHODS = ["counterfactual", "latent_shift", "gradient", "grad_cam"]
-COMPARATORS = ["gradient", "grad_cam"]
+COMPARATORS = ["latent_shift", "gradient", "grad_cam"]
 # name -> (what it changes, evaluate.json overrides, methods it affects)
 VARIANTS = {
     "default": ("the bundle's defaults: tissue only, class 'none', Grad-CAM per half slice", {}, ALL_METHODS),
-    "target_predicted": ("gradient and Grad-CAM of the predicted class", {"comparator_target": None}, COMPARATORS),
+    "target_predicted": ("comparators of the predicted class", {"comparator_target": None}, COMPARATORS),
     "no_tissue_mask": ("maps not restricted to the windowed tissue", {"saliency_tissue_only": False}, ALL_METHODS),
     "target_predicted_no_mask": (
         "predicted class, no tissue mask",

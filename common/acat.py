@@ -49,8 +49,9 @@ class SaliencyMaps(nn.Module):
     """``volume (B, 1, X, Y, S) -> saliency (B, 1, X, Y, S)`` of the baseline ``classifier``.
 
     ``counterfactual`` (paper Eq. 3-4) and ``latent_shift`` (Cohen et al.) also need the
-    ``autoencoder``; ``gradient`` and ``grad_cam`` explain ``comparator_target`` (a class index;
-    ``None``: the class the classifier predicts for each volume) and ``grad_cam_weights`` is
+    ``autoencoder``. ``comparator_target`` (a class index) is the class ``gradient`` and
+    ``grad_cam`` explain and the one ``latent_shift`` moves towards; ``None``: the class the
+    classifier predicts for each volume, which latent shift moves away from. ``grad_cam_weights`` is
     :func:`~common.attribution.counterfactual.slice_grad_cam`'s ``channel_weights``.
     Every map is non-negative and normalised to [0, 1] per volume, as ACAT's saliency input is.
     ``tissue_only``: every method's map is zero outside the intensity window (air and bone of a
@@ -112,7 +113,9 @@ class SaliencyMaps(nn.Module):
                     self.classifier, self.autoencoder, volume, region=region, **self.counterfactual_kwargs
                 )
             if self.method == "latent_shift":
-                return latent_shift_saliency(self.classifier, self.autoencoder, volume, region=region)
+                return latent_shift_saliency(
+                    self.classifier, self.autoencoder, volume, region=region, towards_class=self.comparator_target
+                )
             if self.comparator_target is None:
                 with torch.no_grad():
                     target = self.classifier(volume).argmax(dim=1)

@@ -264,6 +264,15 @@ def test_latent_shift_lowers_the_predicted_class():
     _, given = latent_shift_saliency(classifier, autoencoder, x, target_class=1, return_details=True)
     assert torch.equal(given["target_class"], torch.tensor([1, 1]))
     assert (given["shifted_probability"] <= given["probability"]).all()
+    # a negative counterfactual: towards class 0 raises p_0 (positive lambda along its gradient)
+    _, towards = latent_shift_saliency(classifier, autoencoder, x, towards_class=0, return_details=True)
+    assert torch.equal(towards["target_class"], torch.tensor([0, 0])) and (towards["lambda"] > 0).all()
+    assert (towards["shifted_probability"] > towards["probability"]).all()
+    assert towards["shifted_probability"][1] > towards["probability"][1] + 0.1  # item 1 predicted class 1
+    _, first_up = latent_shift_saliency(classifier, autoencoder, x, towards_class=0, drop=0.01, return_details=True)
+    assert (first_up["lambda"] <= towards["lambda"]).all()
+    with pytest.raises(ValueError, match="not both"):
+        latent_shift_saliency(classifier, autoencoder, x, target_class=1, towards_class=0)
     assert all(p.grad is None for p in classifier.parameters()) and classifier.training
 
 
