@@ -45,8 +45,11 @@ def read_stages(bundle: Path, pipeline: str = "pipeline.json") -> list[dict]:
 
 def cli_value(value) -> str:
     """A config id's value as ``monai.bundle run`` reads it on the command line: a Python literal
-    unless already a string, since its parser (python-fire) reads ``False``, ``None`` and ``[0, 'a']``
-    but leaves JSON's ``false`` and ``null`` as the strings 'false' and 'null' (and a string is true)."""
+    unless already a string, since its parser (python-fire) reads ``False`` and ``[0, 'a']`` but
+    leaves JSON's ``false`` and ``null`` as the strings 'false' and 'null' (and a string is true);
+    ``None`` as the expression ``$None``, since the runner drops an override whose value is None."""
+    if value is None:
+        return "$None"
     return value if isinstance(value, str) else repr(value)
 
 

@@ -148,3 +148,16 @@ def test_pipeline_runs_the_stages_in_order_and_stops_at_a_failure(tmp_path, capf
     assert json.loads((bundle / "pipeline_times.json").read_text()).keys() == {"one", "total"}
     with pytest.raises(InputError, match="unknown stage"):
         pipeline_main([str(bundle), "--stages", "four"])
+
+
+def test_stage_overrides_reach_the_config_as_typed(tmp_path, capfd):
+    """A pipeline.json override of False, None or a list arrives as that value, not as the string
+    'false' or 'null' (the runner reads Python literals) and not dropped (the runner drops None)."""
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    config = {"flag": True, "seed": 0, "sizes": [1], "run": ["$print('got', repr(@flag), repr(@seed), repr(@sizes))"]}
+    (bundle / "configs" / "one.json").write_text(json.dumps(config))
+    stage = {"name": "one", "configs": ["one.json"], "overrides": {"flag": False, "seed": None, "sizes": [2, "a"]}}
+    (bundle / "configs" / "pipeline.json").write_text(json.dumps({"stages": [stage]}))
+    assert pipeline_main([str(bundle)]) == 0
+    assert "got False None [2, 'a']" in capfd.readouterr().out
