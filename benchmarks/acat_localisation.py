@@ -44,24 +44,16 @@ VARIANTS = {
     "default": ("the bundle's defaults: tissue only, class 'none', Grad-CAM per half slice", {}, ALL_METHODS),
     "target_predicted": ("comparators of the predicted class", {"comparator_target": None}, COMPARATORS),
     "no_tissue_mask": ("maps not restricted to the windowed tissue", {"saliency_tissue_only": False}, ALL_METHODS),
-    "target_predicted_no_mask": (
-        "predicted class, no tissue mask",
-        {"comparator_target": None, "saliency_tissue_only": False},
-        COMPARATORS,
-    ),
     "grad_cam_volume": ("Grad-CAM weights over the whole volume", {"grad_cam_weights": "volume"}, ["grad_cam"]),
-    "grad_cam_volume_predicted": (
-        "Grad-CAM over the volume, predicted class",
-        {"grad_cam_weights": "volume", "comparator_target": None},
-        ["grad_cam"],
-    ),
 }
 
 
-def evaluate(run: Path, seed: int, variant: str, extra: list[str]) -> dict:
-    """The variant's saliency metrics of one run (always computed afresh: the defaults may have changed)."""
+def evaluate(run: Path, seed: int, variant: str, extra: list[str], reuse: bool = False) -> dict:
+    """The variant's saliency metrics of one run, computed afresh unless ``reuse`` and already there."""
     _, overrides, methods = VARIANTS[variant]
     output_dir = run / "eval_localisation" / variant
+    if reuse and (output_dir / "saliency_metrics.json").is_file():
+        return json.loads((output_dir / "saliency_metrics.json").read_text())
     stage = next(s for s in read_stages(BUNDLE) if s["name"] == "evaluate")
     ids = {"seed": seed, "bundle_root": str(run), "output_dir": str(output_dir), "saliency_methods": methods}
     ids.update(overrides)
@@ -77,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, required=True, help="each run's --seed, in order")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/acat_localisation.md"))
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a variant's output already in DIR/eval_localisation (made by this code with these ids)",
+    )
     args, extra = parser.parse_known_args(argv)
     if len(args.seeds) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(args.seeds)} seeds; expected one seed per run")
@@ -92,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for variant in args.variants:
         what, _, methods = VARIANTS[variant]
-        results = [evaluate(run, seed, variant, extra) for run, seed in zip(args.runs, args.seeds)]
+        results = [evaluate(run, seed, variant, extra, args.reuse) for run, seed in zip(args.runs, args.seeds)]
         cells = []
         for method in ALL_METHODS:
             if method not in methods:

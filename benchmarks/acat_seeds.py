@@ -4,8 +4,11 @@
         --out benchmarks/results/acat_seeds.md
 
 Each argument is the ``bundle_root`` of one ``python -m common.pipeline bundles/acat --seed S
---bundle_root DIR`` run. The table gives, per method, the mean and the standard error over the runs
-(as the paper reports) of the test accuracy and of the localisation score, with every run's value.
+--bundle_root DIR`` run; ``--eval_dir`` names the evaluation folder inside it (default ``eval``, the
+pipeline's; ``eval_localisation/default`` is the evaluate stage re-run by
+``benchmarks/acat_localisation.py`` with the current defaults). The table gives, per method, the
+mean and the standard error over the runs (as the paper reports) of the test accuracy and of the
+localisation score, with every run's value.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, sd / math.sqrt(n)
 
 
-def _rows(runs: list[Path], file: str, column: str, paper: dict) -> list[str]:
-    results = [json.loads((run / "eval" / file).read_text()) for run in runs]
+def _rows(runs: list[Path], eval_dir: str, file: str, column: str, paper: dict) -> list[str]:
+    results = [json.loads((run / eval_dir / file).read_text()) for run in runs]
     lines = []
     for method in results[0]:
         values = [r[method][column] for r in results]
@@ -47,7 +50,7 @@ def _rows(runs: list[Path], file: str, column: str, paper: dict) -> list[str]:
     return lines
 
 
-def _provenance(runs: list[Path]) -> str:
+def _provenance(runs: list[Path], eval_dir: str) -> str:
     """Where the runs came from: their defaults' version and pipeline times, and when this table was made."""
     times = []
     for run in runs:
@@ -60,7 +63,8 @@ def _provenance(runs: list[Path]) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     pipeline = f" Pipeline wall-clock time per run: {'; '.join(times)}." if times else ""
     return (
-        f"Made {made} on {machine} by `python benchmarks/acat_seeds.py {' '.join(map(str, runs))}` from the runs"
+        f"Made {made} on {machine} by `python benchmarks/acat_seeds.py {' '.join(map(str, runs))}"
+        f" --eval_dir {eval_dir}` from the runs"
         f" of `python -m common.pipeline bundles/acat --seed S --bundle_root DIR`.{pipeline}"
     )
 
@@ -69,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="bundle_root of each seed's pipeline run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/acat_seeds.md"))
+    parser.add_argument("--eval_dir", default="eval", help="the evaluation folder inside each run")
     args = parser.parse_args(argv)
-    missing = [str(r) for r in args.runs if not (r / "eval" / "classification_metrics.json").is_file()]
+    missing = [str(r) for r in args.runs if not (r / args.eval_dir / "classification_metrics.json").is_file()]
     if missing:
-        print(f"no evaluation in {missing}; expected <bundle_root>/eval/*_metrics.json", file=sys.stderr)
+        print(f"no evaluation in {missing}; expected <bundle_root>/{args.eval_dir}/*_metrics.json", file=sys.stderr)
         return 2
     lines = [
         f"### ACAT over {len(args.runs)} runs (mean +/- standard error; runs: {', '.join(map(str, args.runs))})",
@@ -81,15 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| method | accuracy | paper (IST-3) | per run |",
         "|---|---|---|---|",
-        *_rows(args.runs, "classification_metrics.json", "accuracy", PAPER_ACCURACY),
+        *_rows(args.runs, args.eval_dir, "classification_metrics.json", "accuracy", PAPER_ACCURACY),
         "",
         "Localisation score of the baseline's saliency maps on the positive test scans:",
         "",
         "| method | localisation | paper (IST-3) | per run | cases (first run) |",
         "|---|---|---|---|---|",
-        *_rows(args.runs, "saliency_metrics.json", "localisation", PAPER_LOCALISATION),
+        *_rows(args.runs, args.eval_dir, "saliency_metrics.json", "localisation", PAPER_LOCALISATION),
         "",
-        _provenance(args.runs),
+        _provenance(args.runs, args.eval_dir),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -107,7 +107,7 @@ def test_localisation_benchmark_reruns_the_evaluation_per_protocol_variant(pipel
     root, common = pipeline
     out = tmp_path / "localisation.md"
     args = [sys.executable, "benchmarks/acat_localisation.py", str(root / "bundle"), "--seeds", "0", "--out", str(out)]
-    args += ["--variants", "default", "grad_cam_volume_predicted"]
+    args += ["--variants", "default", "grad_cam_volume"]
     for key, value in [*common, ("cf_steps", 3)]:
         args += [f"--{key}", bundle_runner.cli_value(value)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
@@ -118,10 +118,10 @@ def test_localisation_benchmark_reruns_the_evaluation_per_protocol_variant(pipel
     assert {m: r["localisation"] for m, r in default.items()} == {
         m: r["localisation"] for m, r in pipeline_eval.items()
     }
-    changed = json.loads((variants / "grad_cam_volume_predicted" / "saliency_metrics.json").read_text())
+    changed = json.loads((variants / "grad_cam_volume" / "saliency_metrics.json").read_text())
     assert set(changed) == {"grad_cam"}
     table = out.read_text()
-    assert "| default |" in table and "| grad_cam_volume_predicted |" in table and "as default" in table
+    assert "| default |" in table and "| grad_cam_volume |" in table and "as default" in table
 
 
 def test_inference_writes_the_saliency_map_in_the_input_space(pipeline, tmp_path):
