@@ -92,6 +92,25 @@ def scores(bundle_root: str, preset: str | None, out: Path, overrides: dict) -> 
     return result
 
 
+AGREEMENT_MARGIN = 0.05  # the issue's target: DDIM's global score within 0.05 of DDPM's
+Z_ONE_SIDED_95 = 1.645
+
+
+def agreement(difference: float, sd: float, margin: float = AGREEMENT_MARGIN) -> str:
+    """Whether two global scores agree within ``margin``, by two one-sided tests at 5% each (TOST).
+
+    ``difference`` is the difference of the two scores and ``sd`` its standard deviation (the square root of the
+    two bootstrap variances summed: the samplers' runs are independent). "yes": the 90% interval of the
+    difference lies inside (-margin, margin); "no": it lies outside; "not resolved": the samples are too few to
+    tell either way.
+    """
+    if abs(difference) + Z_ONE_SIDED_95 * sd < margin:
+        return "yes"
+    if abs(difference) - Z_ONE_SIDED_95 * sd > margin:
+        return "no"
+    return "not resolved"
+
+
 def markdown(speed: dict, evaluated: dict, command: str) -> str:
     import torch
 
@@ -111,19 +130,26 @@ def markdown(speed: dict, evaluated: dict, command: str) -> str:
         lines.append(f"| {sampler} | {steps} | {speed[sampler]:.3f} | {evaluated[sampler]['wall_s']:.0f} |")
     lines += ["", f"DDPM / DDIM time per sample: **{ratio:.1f}x** (target >= 10x).", ""]
     lines += [
-        "| feature | global score DDIM (sd) | global score DDPM (sd) | difference (target <= 0.05) |",
-        "|---|---|---|---|",
+        "| feature | global score DDIM (sd) | global score DDPM (sd) | difference (sd) | within 0.05? |",
+        "|---|---|---|---|---|",
     ]
     for feature in evaluated["ddim"]["features"]:
         a, b = evaluated["ddim"]["features"][feature], evaluated["ddpm"]["features"][feature]
         if a.get("global_score") is None or b.get("global_score") is None:
-            lines.append(f"| {feature} | {a.get('global_score')} | {b.get('global_score')} | n/a |")
+            lines.append(f"| {feature} | {a.get('global_score')} | {b.get('global_score')} | n/a | n/a |")
             continue
-        sd_a, sd_b = a["bootstrap_variance_global"] ** 0.5, b["bootstrap_variance_global"] ** 0.5
-        diff = abs(a["global_score"] - b["global_score"])
+        var_a, var_b = a["bootstrap_variance_global"], b["bootstrap_variance_global"]
+        diff, sd = a["global_score"] - b["global_score"], (var_a + var_b) ** 0.5
         lines.append(
-            f"| {feature} | {a['global_score']:.3f} ({sd_a:.3f}) | {b['global_score']:.3f} ({sd_b:.3f}) | {diff:.3f} |"
+            f"| {feature} | {a['global_score']:.3f} ({var_a**0.5:.3f}) | {b['global_score']:.3f} ({var_b**0.5:.3f}) "
+            f"| {diff:+.3f} ({sd:.3f}) | {agreement(diff, sd)} |"
         )
+    lines += [
+        "",
+        "sd: bootstrap standard deviation; the difference's is the square root of the two variances summed. "
+        "Within 0.05: two one-sided tests at 5% (the difference's 90% interval inside +/-0.05: yes; outside: no; "
+        "otherwise not resolved: more samples per value needed).",
+    ]
     return "\n".join(lines) + "\n"
 
 

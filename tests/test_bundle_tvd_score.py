@@ -344,6 +344,18 @@ def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipelin
     assert "DDPM / DDIM time per sample" in text and all(f"| {f} |" in text for f in FEATURES)
 
 
+def test_sampler_agreement_needs_the_whole_interval_inside_the_margin():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from tvd_samplers import agreement
+
+    assert agreement(0.01, 0.01) == "yes"  # 0.01 + 1.645 * 0.01 < 0.05
+    assert agreement(-0.01, 0.01) == "yes"
+    assert agreement(0.0, 0.04) == "not resolved"  # equal scores, but too few samples to exclude 0.05
+    assert agreement(0.04, 0.01) == "not resolved"
+    assert agreement(0.10, 0.01) == "no"
+    assert agreement(-0.10, 0.01) == "no"
+
+
 def test_inference_writes_guided_samples_and_their_features(pipeline, tmp_path):
     root, common = pipeline
     out = tmp_path / "out"
