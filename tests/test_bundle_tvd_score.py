@@ -24,6 +24,9 @@ from common.errors import DatalistError, InputError
 from tests import bundle_runner
 from tests.bundle_runner import REPO, cli_value
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import tvd_samplers  # noqa: E402
+
 FEATURES = ["aspect_ratio", "size"]
 CONFIGS = REPO / "bundles" / "tvd_score" / "configs"
 # 40 ellipses of 32x32 (the default is 10000), one epoch per network, tiny networks, DDIM with 3 steps,
@@ -319,9 +322,6 @@ def test_evaluation_reports_both_features_with_finite_scores(pipeline):
 
 
 def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipeline, tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import tvd_samplers
-
     root, common = pipeline
     # the benchmark sets the steps itself (50 DDIM, 1000 DDPM)
     skip = ("bundle_root", "rejection_tolerance", "num_inference_steps")
@@ -345,9 +345,7 @@ def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipelin
 
 
 def test_sampler_agreement_needs_the_whole_interval_inside_the_margin():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from tvd_samplers import agreement
-
+    agreement = tvd_samplers.agreement
     assert agreement(0.01, 0.01) == "yes"  # 0.01 + 1.645 * 0.01 < 0.05
     assert agreement(-0.01, 0.01) == "yes"
     assert agreement(0.0, 0.04) == "not resolved"  # equal scores, but too few samples to exclude 0.05
