@@ -281,13 +281,16 @@ def _number(value, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
-def _cell(entry: dict | None, column: str) -> str:
-    """'mean +/- sd (paper p)' of one column of one method's metrics.json entry."""
+def _cell(entry: dict | None, column: str, cases: bool = False) -> str:
+    """'mean +/- sd (paper p)' of one column of one method's metrics.json entry; with ``cases``, the number of test
+    cases after the sd, for tables whose columns come from evaluations of different sizes."""
     if not entry or column not in entry:
         return ""
     text = _number(entry[column])
     if entry.get(f"{column}_sd") is not None:
         text += f" +/- {_number(entry[f'{column}_sd'])}"
+    if cases and entry.get("n") is not None:
+        text += f", {entry['n']} cases"
     paper = entry.get(f"{column}_paper")
     if paper is not None:
         text += f" (paper {paper if isinstance(paper, str) else _number(paper, 2)})"
@@ -305,7 +308,8 @@ def ncc_table(records: dict) -> list[str]:
         "### Disease-effect maps against the ground truth (NCC), VA-GAN vs ICAM vs baselines",
         "",
         "VA-GAN's evaluation: NCC of the signed map with the ground-truth effect (`effect`); ICAM's: NCC(-) of the "
-        "patient-to-control FA map with the effect. Baselines run on each bundle's own classifier.",
+        "patient-to-control FA map with the effect. Baselines run on each bundle's own classifier. Cases: the test "
+        "patients each evaluation took (its `test_max_cases`; the defaults differ: VA-GAN 200, ICAM 50).",
         "",
         "| method | " + " | ".join(datasets) + " |",
         "|---|" + "---|" * len(datasets),
@@ -318,7 +322,7 @@ def ncc_table(records: dict) -> list[str]:
             ):
                 continue
             label = method if method in ("vagan", "icam") else f"{method} ({bundle} classifier)"
-            cells = [_cell(_report(records, f"{bundle}/{d}").get(method), column) for d in datasets]
+            cells = [_cell(_report(records, f"{bundle}/{d}").get(method), column, cases=True) for d in datasets]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

@@ -93,7 +93,7 @@ def test_the_tables_put_each_method_beside_the_paper(tmp_path):
     out = tmp_path / "fidelity.md"
     fidelity.write_results(records, {}, out, "python benchmarks/fidelity.py", quick=True, wall=1.0)
     text = out.read_text()
-    assert "| vagan | 0.812 +/- 0.050 (paper 0.94) |  |" in text
+    assert "| vagan | 0.812 +/- 0.050, 40 cases (paper 0.94) |  |" in text
     assert "| gradient (vagan classifier) | 0.100 +/- 0.020 |  |" in text
     assert "| icam |  | 0.300 +/- 0.100 |" in text
     assert "| NoConsG |  |  | 0.250 | 0.110 |" in text
