@@ -309,7 +309,7 @@ def ncc_table(records: dict) -> list[str]:
         "",
         "VA-GAN's evaluation: NCC of the signed map with the ground-truth effect (`effect`); ICAM's: NCC(-) of the "
         "patient-to-control FA map with the effect. Baselines run on each bundle's own classifier. Cases: the test "
-        "patients each evaluation took (its `test_max_cases`; the defaults differ: VA-GAN 200, ICAM 50).",
+        "patients each evaluation took (its `test_max_cases`).",
         "",
         "| method | " + " | ".join(datasets) + " |",
         "|---|" + "---|" * len(datasets),
