@@ -3,12 +3,16 @@
     python benchmarks/fidelity.py --quick        # every run at a small scale: minutes, for checking the machinery
     python benchmarks/fidelity.py                # every run at its bundle's default scale: hours on 2 cores
     python benchmarks/fidelity.py --runs vagan/boxes,icam/boxes [--fresh] [--root DIR] [--out FILE]
+    python benchmarks/fidelity.py --runs acat/ct_stroke --merge benchmarks/results/fidelity.json
 
 Each run is one bundle's documented pipeline (``python -m common.pipeline bundles/<name> --pipeline ...``: its
 training stages, the comparators it trains, then ``evaluate.json``) on one data set, in its own folder
 ``<root>/<bundle>_<dataset>``. The same data set folder serves every run on it, so VA-GAN and ICAM are compared
 on the very same images. A finished run is reused (its evaluate outputs are read again) unless ``--fresh``
-or its overrides changed, so the full benchmark can be built up over several sessions.
+or its overrides changed, so the full benchmark can be built up over several sessions. ``--merge`` carries
+the other runs' records over from an earlier results JSON (the run folders may be gone by then: the full
+benchmark takes more hours than one machine keeps them), refusing any record whose pipeline or overrides
+differ from the run's current ones.
 
 The table collects what each ``evaluate.json`` wrote (``eval/*metrics.json``: mean, per-case sd, case count and
 the paper's figure; ``eval/tvd_scores.json`` for the TVD score) and puts the methods that share a data set
@@ -244,12 +248,17 @@ def collect(eval_dir: Path) -> dict:
     return reports
 
 
+def run_key(run: Run, overrides: dict) -> str:
+    """What identifies a run's measurement: its pipeline and every override (the root folder included)."""
+    return hashlib.sha256(json.dumps([run.pipeline, overrides], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def execute(run: Run, quick: bool, root: Path, fresh: bool) -> dict:
     """Run (or reuse) one benchmark run; returns its record: overrides, stage times, collected reports."""
     overrides = run_overrides(run, quick, root)
     run_root = Path(overrides["bundle_root"]).parent
     record_path = run_root / "fidelity_run.json"
-    key = hashlib.sha256(json.dumps([run.pipeline, overrides], sort_keys=True).encode()).hexdigest()[:16]
+    key = run_key(run, overrides)
     if not fresh and record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("key") == key:
@@ -272,6 +281,33 @@ def execute(run: Run, quick: bool, root: Path, fresh: bool) -> dict:
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"[fidelity] {run.name}: done in {seconds:.0f} s", flush=True)
     return {**record, "reports": collect(Path(overrides["bundle_root"]) / "eval")}
+
+
+def carried_records(path: Path, runs: list[Run], quick: bool) -> dict:
+    """The records of ``runs`` in an earlier results JSON (``--merge``), each checked against the run as it is
+    defined now: the same pipeline and overrides at the earlier record's own root, else ValueError naming what
+    differs (a stale record would put a different measurement under the run's name)."""
+    try:
+        earlier = json.loads(path.read_text())["records"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--merge {path}: not a results JSON written by fidelity.py ({error})") from error
+    carried = {}
+    for run in runs:
+        record = earlier.get(run.name)
+        if record is None:
+            continue
+        recorded = record.get("overrides", {})
+        root = Path(recorded.get("bundle_root", "root/run/bundle")).parents[1]
+        expected = run_overrides(run, quick, root)
+        if record.get("pipeline") != run.pipeline or run_key(run, recorded) != run_key(run, expected):
+            differing = sorted(k for k in set(recorded) | set(expected) if recorded.get(k) != expected.get(k))
+            raise ValueError(
+                f"--merge {path}: the record of {run.name} was made with pipeline {record.get('pipeline')} and "
+                f"overrides differing from the current ones in {differing or 'none'} (now {run.pipeline}); "
+                f"rerun it with --runs {run.name} instead of merging it"
+            )
+        carried[run.name] = {**record, "carried_from": str(path)}
+    return carried
 
 
 # ---------------------------------------------------------------------------------------------- the tables
@@ -500,6 +536,14 @@ def write_results(records: dict, failures: dict, out: Path, command: str, quick:
         f"(runs reused from earlier invocations count their own time below).",
         "",
     ]
+    carried = [name for name, record in records.items() if record.get("carried_from")]
+    if carried:
+        sources = sorted({records[name]["carried_from"] for name in carried})
+        lines += [
+            f"Carried over unchanged from {', '.join(f'`{s}`' for s in sources)} (earlier invocations; their "
+            f"finish dates below): {', '.join(carried)}.",
+            "",
+        ]
     lines += [f"![headline comparisons; black ticks: the paper's figures]({out.with_suffix('.png').name})", ""]
     for table in (ncc_table, constraint_table, acat_table, tvd_table, timing_table, all_metrics_table):
         lines += table(records) + [""]
@@ -523,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
     parser.add_argument("--out", type=Path, default=None, help="markdown table (a .json is written next to it)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="an earlier results JSON: the runs not selected by --runs are carried over from it",
+    )
     args = parser.parse_args(argv)
     suffix = "_quick" if args.quick else ""
     root = (args.root or REPO / "runs" / "benchmarks" / f"fidelity{suffix}").resolve()
@@ -534,6 +584,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown run(s) {unknown}; expected some of {[r.name for r in RUNS]}")
         selected = [r for r in RUNS if r.name in wanted]
+    carried = {}
+    if args.merge:
+        try:
+            carried = carried_records(args.merge, [r for r in RUNS if r not in selected], args.quick)
+        except ValueError as error:
+            parser.error(str(error))
     start = time.monotonic()
     records, failures = {}, {}
     for run in selected:
@@ -542,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as error:  # one failing run must not lose the others' results
             print(f"[fidelity] {error}", file=sys.stderr, flush=True)
             failures[run.name] = str(error)
+    records = {r.name: records.get(r.name, carried.get(r.name)) for r in RUNS if r.name in records | carried}
     command = "python benchmarks/fidelity.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     write_results(records, failures, out, command, args.quick, time.monotonic() - start)
     return 1 if failures else 0

@@ -1,4 +1,5 @@
-"""benchmarks/fidelity.py: the pipelines it runs, the data its comparisons share, reuse of finished runs, tables."""
+"""benchmarks/fidelity.py: the pipelines it runs, the data its comparisons share, reuse of finished runs, records
+carried over from an earlier results file, tables."""
 
 import json
 import sys
@@ -99,3 +100,37 @@ def test_the_tables_put_each_method_beside_the_paper(tmp_path):
     assert "| NoConsG |  |  | 0.250 | 0.110 |" in text
     assert "| ellipses | size | label-independent | 0.040 (0.020) | 0.010 | 0.049 |" in text
     assert json.loads(out.with_suffix(".json").read_text())["records"].keys() == records.keys()
+
+
+def test_merge_carries_earlier_records_over_and_refuses_stale_ones(tmp_path, monkeypatch, capsys):
+    def fake_execute(run, quick, root, fresh):
+        return {"run": run.name, "seconds": 2.0, "reports": {"attribution": {"icam": {"ncc_minus": 0.4, "n": 2}}}}
+
+    monkeypatch.setattr(fidelity, "execute", fake_execute)
+    vagan = next(r for r in fidelity.RUNS if r.name == "vagan/boxes")
+    overrides = fidelity.run_overrides(vagan, True, tmp_path / "earlier_root")
+    record = {
+        "run": vagan.name,
+        "pipeline": vagan.pipeline,
+        "key": fidelity.run_key(vagan, overrides),
+        "overrides": overrides,
+        "seconds": 1.0,
+        "finished": "2026-12-01 00:00 UTC",
+        "reports": {"attribution": {"vagan": {"ncc": 0.81, "n": 4}}},
+    }
+    earlier, out = tmp_path / "earlier.json", tmp_path / "merged.md"
+    earlier.write_text(json.dumps({"records": {vagan.name: record}, "failures": {}}))
+    argv = ["--quick", "--runs", "icam/boxes", "--merge", str(earlier), "--root", str(tmp_path / "now")]
+    argv += ["--out", str(out)]
+    assert fidelity.main(argv) == 0
+    merged = json.loads(out.with_suffix(".json").read_text())["records"]
+    assert list(merged) == ["vagan/boxes", "icam/boxes"]  # the benchmark's order, whatever the source
+    assert merged["vagan/boxes"]["reports"] == record["reports"] and merged["vagan/boxes"]["carried_from"]
+    text = out.read_text()
+    assert "| vagan | 0.810, 4 cases |" in text and f"from `{earlier}`" in text and "): vagan/boxes." in text
+
+    earlier.write_text(json.dumps({"records": {vagan.name: {**record, "overrides": {**overrides, "max_epochs": 99}}}}))
+    with pytest.raises(SystemExit):
+        fidelity.main(argv)
+    error = capsys.readouterr().err
+    assert "the record of vagan/boxes" in error and "['max_epochs']" in error
