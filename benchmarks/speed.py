@@ -1000,6 +1000,23 @@ def machine_line(device: str, threads: int | None, results: list[dict]) -> str:
     )
 
 
+def restriction_note(args, profile: Profile) -> str | None:
+    """What the command line left out of the profile (--parts, --methods, --settings, --sizes), so that a report of
+    one part of a run is not read as the whole run; None when nothing was left out."""
+    chosen = [("parts", args.parts, PARTS), ("methods", args.methods, METHODS)]
+    if "training" in args.parts:
+        chosen.append(("training settings", args.settings, ("default", "preset")))
+    if "inference" in args.parts:
+        sizes = [size_label(s) for s in args.sizes] if args.sizes else list(profile.sizes)
+        chosen.append(("inference sizes", sizes, profile.sizes))
+    restricted = [
+        f"{name} {', '.join(values)} (of {', '.join(every)})"
+        for name, values, every in chosen
+        if list(values) != list(every)
+    ]
+    return "Restricted by the command line to: " + "; ".join(restricted) + "." if restricted else None
+
+
 def report(args, profile_name: str, profile: Profile, results: dict, wall: float, others: float, started) -> str:
     everything = [r for part in results.values() for r in part]
     memory_methods = sorted({r["memory_method"] for r in everything if "memory_method" in r})
@@ -1014,6 +1031,9 @@ def report(args, profile_name: str, profile: Profile, results: dict, wall: float
         f"Peak memory: {', '.join(memory_methods) or 'n/a'}; untrained weights.",
     ]
     lines += ["", f"{profile_name.capitalize()} run: {profile.description}."]
+    restricted = restriction_note(args, profile)
+    if restricted:
+        lines += ["", restricted]
     if results.get("training"):
         lines += [""] + training_table(results["training"])
     if results.get("inference"):

@@ -47,3 +47,6 @@ def test_speed_benchmark_writes_every_table(tmp_path):
     assert "| 24x24x24 | PatchGAN classifier of attr_constraint |" in table
     assert "DDPM / DDIM time per sample:" in table
     assert "failed" not in table and "n/a" not in table
+    # a report of part of a run says so
+    assert "Restricted by the command line to: methods attr_constraint, tvd_score (of vagan, icam," in table
+    assert "training settings default (of default, preset); inference sizes 32x32, 24x24x24 (of 32x32," in table
