@@ -9,10 +9,12 @@ Each run is one bundle's documented pipeline (``python -m common.pipeline bundle
 training stages, the comparators it trains, then ``evaluate.json``) on one data set, in its own folder
 ``<root>/<bundle>_<dataset>``. The same data set folder serves every run on it, so VA-GAN and ICAM are compared
 on the very same images. A finished run is reused (its evaluate outputs are read again) unless ``--fresh``
-or its overrides changed, so the full benchmark can be built up over several sessions. ``--merge`` carries
-the other runs' records over from an earlier results JSON (the run folders may be gone by then: the full
-benchmark takes more hours than one machine keeps them), refusing any record whose pipeline or overrides
-differ from the run's current ones.
+or its overrides changed, so the full benchmark can be built up over several sessions; a run that was stopped
+part way (a job's time limit) is continued where it stopped (``common.pipeline --continue``: finished stages
+skipped, the interrupted training resumed from its newest checkpoint) unless ``--fresh``, and its time is the
+sum of its pieces. ``--merge`` carries the other runs' records over from an earlier results JSON (the run
+folders may be gone by then: the full benchmark takes more hours than one machine keeps them), refusing any
+record whose pipeline or overrides differ from the run's current ones.
 
 The table collects what each ``evaluate.json`` wrote (``eval/*metrics.json``: mean, per-case sd, case count and
 the paper's figure; ``eval/tvd_scores.json`` for the TVD score) and puts the methods that share a data set
@@ -43,7 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.pipeline import cli_value  # noqa: E402
+from common.errors import InputError  # noqa: E402
+from common.pipeline import PROGRESS_FILE, cli_value, read_progress, read_stages  # noqa: E402
 
 # The TVD paper's global scores (no evaluate config holds them: the score is the bundle's output, not a target).
 TVD_PAPER = {
@@ -213,14 +216,15 @@ def run_overrides(run: Run, quick: bool, root: Path) -> dict:
     return overrides
 
 
-def run_pipeline(run: Run, overrides: dict, log_path: Path) -> float:
-    """The bundle's pipeline command with ``overrides``; returns its wall time; raises with the log's tail."""
+def run_pipeline(run: Run, overrides: dict, log_path: Path, continue_stopped: bool = False) -> float:
+    """The bundle's pipeline command with ``overrides`` (``--continue``: picking up a stopped run of the same
+    command); returns its wall time; raises with the log's tail. A continued run's log is appended to."""
     command = [sys.executable, "-m", "common.pipeline", f"bundles/{run.bundle}", "--pipeline", run.pipeline]
-    for key, value in overrides.items():
-        command += [f"--{key}", cli_value(value)]
+    command += ["--continue"] if continue_stopped else []
+    command += pipeline_args(overrides)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if continue_stopped else "w") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         status = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())
@@ -229,6 +233,20 @@ def run_pipeline(run: Run, overrides: dict, log_path: Path) -> float:
         tail = log_path.read_text().splitlines()[-25:]
         raise RuntimeError(f"{run.name} failed (exit status {status}); last lines of {log_path}:\n" + "\n".join(tail))
     return seconds
+
+
+def pipeline_args(overrides: dict) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in (f"--{key}", cli_value(value))]
+
+
+def stopped_here(run: Run, overrides: dict) -> bool:
+    """Whether the run's bundle root holds the progress record of a stopped run of this very pipeline command."""
+    stages = [stage["name"] for stage in read_stages(REPO / "bundles" / run.bundle, run.pipeline)]
+    path = Path(overrides["bundle_root"]) / PROGRESS_FILE
+    try:
+        return bool(read_progress(path, run.pipeline, stages, pipeline_args(overrides)))
+    except InputError:  # another command's record: the run starts again, and a new record with it
+        return False
 
 
 def _env() -> dict:
@@ -265,19 +283,24 @@ def execute(run: Run, quick: bool, root: Path, fresh: bool) -> dict:
             print(f"[fidelity] {run.name}: reusing the finished run in {run_root}", flush=True)
             record["reports"] = collect(Path(overrides["bundle_root"]) / "eval")
             return record
-    print(f"[fidelity] {run.name}: running {run.pipeline} in {run_root}", flush=True)
-    seconds = run_pipeline(run, overrides, run_root / "pipeline.log")
+    stopped = not fresh and stopped_here(run, overrides)
+    print(f"[fidelity] {run.name}: {'continuing' if stopped else 'running'} {run.pipeline} in {run_root}", flush=True)
+    seconds = run_pipeline(run, overrides, run_root / "pipeline.log", continue_stopped=stopped)
     times_file = Path(overrides["bundle_root"]) / "pipeline_times.json"
     stage_times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    pieces = stage_times.pop("pieces", {})
     record = {
         "run": run.name,
         "pipeline": run.pipeline,
         "key": key,
         "overrides": overrides,
-        "seconds": round(seconds, 1),
+        # a continued run: the stages' summed time (wall time spent, redone work included), not this call's
+        "seconds": stage_times["total"] if stopped else round(seconds, 1),
         "stage_seconds": stage_times,
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    if pieces:
+        record["stage_pieces"] = pieces
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"[fidelity] {run.name}: done in {seconds:.0f} s", flush=True)
     return {**record, "reports": collect(Path(overrides["bundle_root"]) / "eval")}
@@ -456,7 +479,12 @@ def all_metrics_table(records: dict) -> list[str]:
 def timing_table(records: dict) -> list[str]:
     lines = ["### Wall time per run", "", "| run | seconds | stages (s) | finished |", "|---|---:|---|---|"]
     for name, record in records.items():
-        stages = ", ".join(f"{k} {v:.0f}" for k, v in record.get("stage_seconds", {}).items() if k != "total")
+        pieces = record.get("stage_pieces", {})
+        stages = ", ".join(
+            f"{k} {v:.0f}" + (f" (in {pieces[k]} pieces)" if k in pieces else "")
+            for k, v in record.get("stage_seconds", {}).items()
+            if k != "total"
+        )
         lines.append(f"| {name} | {record.get('seconds', 0):.0f} | {stages} | {record.get('finished', '')} |")
     return lines
 
@@ -565,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--root", type=Path, default=None, help="where runs live (default runs/benchmarks/fidelity[_quick])"
     )
-    parser.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
+    parser.add_argument(
+        "--fresh", action="store_true", help="rerun finished runs and restart stopped ones instead of reusing them"
+    )
     parser.add_argument("--out", type=Path, default=None, help="markdown table (a .json is written next to it)")
     parser.add_argument(
         "--merge",

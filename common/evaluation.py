@@ -31,9 +31,9 @@ from common.attribution import attribute  # noqa: E402
 from common.data import load_datalist  # noqa: E402
 from common.engines.batches import PrepareKeys  # noqa: E402
 from common.errors import InputError  # noqa: E402
+from common.files import write_text_atomic  # noqa: E402
 from common.handlers import AUPRC, AUROC, AUROC10, Dice, OperatingThreshold  # noqa: E402
 from common.metrics import mean_sd  # noqa: E402
-from common.output import write_text_atomic  # noqa: E402
 
 POSTPROCESS = {
     "none": lambda m: m,

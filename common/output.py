@@ -101,20 +101,6 @@ def save_overlay_png(
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write through a temporary sibling and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 class SaveOverlayd(MapTransform):
     """Write ``<output_dir>/<input stem>_<key>.png`` for each map key, over ``image_key``."""
 

@@ -50,9 +50,9 @@ from common.data.transforms import image_transforms
 from common.diffusion import feature_scores, guided_sample, plot_local_scores, sample_coverage, scores_markdown
 from common.diffusion.evaluation import ConditionalPredictions
 from common.errors import DatalistError, InputError
+from common.files import write_text_atomic
 from common.metrics.tvd import binned_tvd_score, global_tvd_score
 from common.networks.modes import frozen, modules_of
-from common.output import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -3,11 +3,12 @@ carried over from an earlier results file, tables."""
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser
 
-from common.pipeline import read_stages, stage_command
+from common.pipeline import PROGRESS_FILE, read_stages, stage_command
 from tests.bundle_runner import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -58,7 +59,7 @@ def test_vagan_and_icam_are_compared_on_the_same_images(dataset, quick, tmp_path
 def test_a_finished_run_is_reused_until_its_overrides_change(tmp_path, monkeypatch):
     calls = []
 
-    def fake_pipeline(run, overrides, log_path):
+    def fake_pipeline(run, overrides, log_path, continue_stopped=False):
         calls.append(overrides)
         eval_dir = tmp_path / f"{run.bundle}_{run.dataset}" / "bundle" / "eval"
         eval_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,48 @@ def test_a_finished_run_is_reused_until_its_overrides_change(tmp_path, monkeypat
     assert fidelity.execute(changed, True, tmp_path, fresh=False)["reports"]["attribution"]["vagan"]["ncc"] == 2.5
     fidelity.execute(changed, True, tmp_path, fresh=True)
     assert len(calls) == 3
+
+
+def test_a_stopped_run_is_continued_and_timed_by_its_pieces(tmp_path, monkeypatch):
+    """A run whose bundle root holds the progress record of the same pipeline command is continued (not when
+    --fresh, not when the record is another command's); a run made in pieces is timed by its stages' sums."""
+    continued = []
+
+    def fake_pipeline(run, overrides, log_path, continue_stopped=False):
+        continued.append(continue_stopped)
+        bundle_root = Path(overrides["bundle_root"])
+        (bundle_root / "eval").mkdir(parents=True, exist_ok=True)
+        (bundle_root / "eval" / "metrics.json").write_text(json.dumps({"vagan": {"ncc": 0.5, "n": 3}}))
+        times = {"classifier": 10.0, "vagan": 700.0, "evaluate": 5.0, "total": 715.0, "pieces": {"vagan": 2}}
+        (bundle_root / "pipeline_times.json").write_text(json.dumps(times))
+        return 400.0  # this call's share only
+
+    monkeypatch.setattr(fidelity, "run_pipeline", fake_pipeline)
+    run = next(r for r in fidelity.RUNS if r.name == "vagan/boxes")
+    overrides = fidelity.run_overrides(run, True, tmp_path)
+    stages = [s["name"] for s in read_stages(REPO / "bundles" / run.bundle, run.pipeline)]
+    progress_path = Path(overrides["bundle_root"]) / PROGRESS_FILE
+    progress_path.parent.mkdir(parents=True)
+
+    def stopped_by(args):
+        record = {"pipeline": run.pipeline, "stages": stages, "overrides": args, "finished": stages[:1]}
+        progress_path.write_text(json.dumps(record))
+
+    finished_record = tmp_path / "vagan_boxes" / "fidelity_run.json"  # else the run would be reused as it is
+    stopped_by(fidelity.pipeline_args({**overrides, "seed": 7}))  # another command's record: started again
+    fidelity.execute(run, True, tmp_path, fresh=False)
+    finished_record.unlink()
+    stopped_by(fidelity.pipeline_args(overrides))
+    fidelity.execute(run, True, tmp_path, fresh=True)
+    finished_record.unlink()
+    stopped_by(fidelity.pipeline_args(overrides))
+    record = fidelity.execute(run, True, tmp_path, fresh=False)
+    assert continued == [False, False, True]
+    assert record["seconds"] == 715.0 and record["stage_pieces"] == {"vagan": 2}
+    assert "pieces" not in record["stage_seconds"]
+    out = tmp_path / "fidelity.md"
+    fidelity.write_results({run.name: record}, {}, out, "python benchmarks/fidelity.py", quick=True, wall=1.0)
+    assert "| vagan/boxes | 715 | classifier 10, vagan 700 (in 2 pieces), evaluate 5 |" in out.read_text()
 
 
 def test_the_tables_put_each_method_beside_the_paper(tmp_path):

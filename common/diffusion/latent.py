@@ -31,7 +31,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from common.errors import InputError
-from common.output import write_text_atomic
+from common.files import write_text_atomic
 
 __all__ = [
     "LatentNoisePrepareBatch",

@@ -2,7 +2,7 @@
 
 from common.engines import distributed
 from common.engines.autoencoder import AutoencoderKLTrainer
-from common.engines.batches import PrepareKeys, RandomStates, attach_resume, epoch_lr_scheduler, latest_checkpoint
+from common.engines.batches import PrepareKeys, RandomStates, attach_resume, epoch_lr_scheduler
 from common.engines.constrained import ConstrainedClassifierTrainer
 from common.engines.icam import (
     FeatureAttribution,
@@ -13,6 +13,7 @@ from common.engines.icam import (
     sample_attribute,
 )
 from common.engines.vagan import VAGANTrainer, critic_steps_for, gradient_penalty
+from common.files import latest_checkpoint
 
 __all__ = [
     "AutoencoderKLTrainer",

@@ -10,6 +10,7 @@ import torch
 from monai.utils import convert_to_tensor
 
 from common.errors import InputError
+from common.files import latest_checkpoint
 
 
 class PrepareKeys:
@@ -35,23 +36,6 @@ class PrepareKeys:
         if not self.extra_keys:
             return image, target
         return image, target, tuple(get(key) for key in self.extra_keys), {}
-
-
-def latest_checkpoint(ckpt_dir: str) -> str:
-    """The newest ``checkpoint_epoch=N.pt`` that a ``CheckpointSaver`` wrote in ``ckpt_dir`` (for resume)."""
-    import re
-    from pathlib import Path
-
-    from common.errors import InputError
-
-    found = sorted(
-        (int(m.group(1)), path)
-        for path in Path(ckpt_dir).glob("*checkpoint_epoch=*.pt")
-        if (m := re.search(r"checkpoint_epoch=(\d+)\.pt$", path.name))
-    )
-    if not found:
-        raise InputError(f"{ckpt_dir}: no checkpoint_epoch=N.pt to resume from; expected a previous training run there")
-    return str(found[-1][1])
 
 
 def _randomizable_transforms(transform) -> list:

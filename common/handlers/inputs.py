@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ignite.engine import Events
 
-from common.output import write_text_atomic
+from common.files import write_text_atomic
 
 SKIPPED_FILE = "skipped_inputs.csv"
 
