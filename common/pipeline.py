@@ -204,20 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         if name in progress["finished"]:
             print(f"[pipeline] {name}: finished in an earlier run ({progress['seconds'][name]:.0f} s), skipped")
             continue
-        command = stage_command(args.bundle, stage, overrides)
         if interrupted.get("stage") == name:
             first_started, so_far = interrupted["first_started"], progress["seconds"].get(name, 0.0)
             resume, why_not = resumable(root, first_started)
-            if resume:
-                command = stage_command(args.bundle, stage, [*overrides, "--resume", cli_value(True)])
             print(
                 f"[pipeline] {name}: continuing the interrupted stage ({so_far:.0f} s before), "
                 + ("resumed from its newest checkpoint" if resume else f"from its start: {why_not}"),
                 flush=True,
             )
         else:
-            first_started, so_far = time.time(), 0.0
+            first_started, so_far, resume = time.time(), 0.0, False
             progress["pieces"][name] = 0
+        command = stage_command(args.bundle, stage, [*overrides, *(["--resume", cli_value(True)] if resume else [])])
         progress["running"] = {"stage": name, "first_started": first_started}
         progress["pieces"][name] += 1
         record(0.0)
