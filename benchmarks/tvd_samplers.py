@@ -11,6 +11,13 @@ Needs a trained bundle (the four training stages of ``bundles/tvd_score``). Two 
    sample counts; the global score of every feature with its bootstrap standard deviation, and the difference.
 
 Writes a markdown table (with the command, machine and date) and a JSON next to it.
+
+DDPM evaluations at the paper's sample counts take many hours on a CPU. The benchmark records its progress in
+``<out stem>_runs/progress.json`` (the timing, each evaluation's time so far and whether it finished); run the same
+command again after it stopped and it goes on: the timing and finished evaluations are kept, the stopped one is
+resumed from its sampling records (``evaluate.json`` with ``--resume True``: what it had drawn is kept). An
+evaluation's time is the sum of its pieces. ``--fresh`` starts again; other arguments with the same ``--out`` are
+refused. The record goes once the report is written: the same command then measures afresh.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import ast
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the bundles' configs import the repository's common package
 CONFIGS = REPO / "bundles" / "tvd_score" / "configs"
 SAMPLERS = {"ddim": 50, "ddpm": 1000}
+PROGRESS_FILE = "progress.json"
+
+from common.errors import InputError  # noqa: E402
+from common.files import write_text_atomic  # noqa: E402
+from common.pipeline import cli_value, run_stage  # noqa: E402
 
 
 def _configs(preset: str | None, *names: str) -> list[str]:
@@ -64,31 +77,70 @@ def time_per_sample(bundle_root: str, preset: str | None, batch: int, overrides:
     return result
 
 
-def scores(bundle_root: str, preset: str | None, out: Path, overrides: dict) -> dict[str, dict]:
-    """``evaluate.json`` once per sampler; its report and wall time."""
+def read_progress(path: Path, arguments: dict) -> dict:
+    """The record of a stopped run of the same arguments ({} if there is none); InputError for other arguments."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+        recorded = record["arguments"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            f"{path}: not a progress record of tvd_samplers.py ({error}); delete it or pass --fresh"
+        ) from None
+    if recorded != arguments:
+        differing = ", ".join(
+            f"{k}: recorded {recorded.get(k)!r}, now {arguments[k]!r}"
+            for k in arguments
+            if recorded.get(k) != arguments[k]
+        )
+        raise InputError(
+            f"{path}: the record of a run with other arguments ({differing}); expected the same command to go on, "
+            "or --fresh (or another --out) to start again"
+        )
+    return record
+
+
+def scores(bundle_root: str, preset: str | None, out: Path, overrides: dict, record: dict) -> dict[str, dict]:
+    """``evaluate.json`` once per sampler (each going on from where ``record`` says it stopped); its report and
+    wall time (the sum of its pieces)."""
+    path = out / PROGRESS_FILE
     result = {}
     for sampler in SAMPLERS:
         output_dir = out / sampler
-        args = [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            json.dumps(_configs(preset, "evaluate.json")),
-        ]
-        for key, value in {
-            "bundle_root": bundle_root,
-            "sampler": sampler,
-            "output_dir": str(output_dir),
-            **overrides,
-        }.items():
-            # Python literals: MONAI's command line reads JSON's false inside a list as the string 'false'
-            args += [f"--{key}", value if isinstance(value, str) else repr(value)]
-        start = time.perf_counter()
-        subprocess.run(args, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        so_far = record["evaluations"].get(sampler, {"seconds": 0.0, "pieces": 0, "finished": False})
+        if not so_far["finished"]:
+            command = [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                json.dumps(_configs(preset, "evaluate.json")),
+            ]
+            settings = {"bundle_root": bundle_root, "sampler": sampler, "output_dir": str(output_dir), **overrides}
+            if so_far["pieces"]:  # a stopped evaluation: its sampling records keep the feature values it finished
+                settings["resume"] = True
+            for key, value in settings.items():
+                command += [f"--{key}", cli_value(value)]
+            before, piece = so_far["seconds"], so_far["pieces"] + 1
+
+            def note(seconds: float, finished: bool = False, sampler=sampler, before=before, piece=piece) -> None:
+                record["evaluations"][sampler] = {
+                    "seconds": round(before + seconds, 1),
+                    "pieces": piece,
+                    "finished": finished,
+                }
+                write_text_atomic(path, json.dumps(record, indent=1))
+
+            note(0.0)
+            status, seconds = run_stage(command, note, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+            if status != 0:
+                raise subprocess.CalledProcessError(status, command)
+            note(seconds, finished=True)
+            so_far = record["evaluations"][sampler]
         report = json.loads((output_dir / "tvd_scores.json").read_text())
-        result[sampler] = {"wall_s": time.perf_counter() - start, "features": report["features"]}
+        result[sampler] = {"wall_s": so_far["seconds"], "pieces": so_far["pieces"], "features": report["features"]}
     return result
 
 
@@ -127,7 +179,9 @@ def markdown(speed: dict, evaluated: dict, command: str) -> str:
         "|---|---:|---:|---:|",
     ]
     for sampler, steps in SAMPLERS.items():
-        lines.append(f"| {sampler} | {steps} | {speed[sampler]:.3f} | {evaluated[sampler]['wall_s']:.0f} |")
+        pieces = evaluated[sampler].get("pieces", 1)
+        wall = f"{evaluated[sampler]['wall_s']:.0f}" + (f" (in {pieces} pieces)" if pieces > 1 else "")
+        lines.append(f"| {sampler} | {steps} | {speed[sampler]:.3f} | {wall} |")
     lines += ["", f"DDPM / DDIM time per sample: **{ratio:.1f}x** (target >= 10x).", ""]
     lines += [
         "| feature | global score DDIM (sd) | global score DDPM (sd) | difference (sd) | within 0.05? |",
@@ -164,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="ID=JSON", help="any other config id, e.g. rho=0.2"
     )
     parser.add_argument("--out", default="benchmarks/results/tvd_samplers.md")
+    parser.add_argument("--fresh", action="store_true", help="start again instead of going on from a stopped run")
     args = parser.parse_args(argv)
     overrides = {
         "n_values": args.n_values,
@@ -181,15 +236,27 @@ def main(argv: list[str] | None = None) -> int:
                 overrides[key] = value
     out = Path(args.out)
     runs = out.parent / (out.stem + "_runs")
-    speed = time_per_sample(args.bundle_root, args.preset, args.batch, overrides)
-    evaluated = scores(args.bundle_root, args.preset, runs, overrides)
+    arguments = {"bundle_root": args.bundle_root, "preset": args.preset, "batch": args.batch, "overrides": overrides}
+    arguments = json.loads(json.dumps(arguments))  # as the record will hold them (lists, not tuples)
+    record = {} if args.fresh else read_progress(runs / PROGRESS_FILE, arguments)
+    if not record:  # written at once, so that a kill during the timing cannot leave an older run's record
+        record = {"arguments": arguments, "seconds_per_sample": None, "evaluations": {}}
+        write_text_atomic(runs / PROGRESS_FILE, json.dumps(record, indent=1))
+    if record["seconds_per_sample"] is None:
+        record["seconds_per_sample"] = time_per_sample(args.bundle_root, args.preset, args.batch, overrides)
+        write_text_atomic(runs / PROGRESS_FILE, json.dumps(record, indent=1))
+    speed = record["seconds_per_sample"]
+    evaluated = scores(args.bundle_root, args.preset, runs, overrides, record)
     text = markdown(speed, evaluated, "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"seconds_per_sample": speed, "evaluations": evaluated}, indent=1))
+    (runs / PROGRESS_FILE).unlink()  # finished: the same command measures afresh
     print(text)
     return 0
 
 
 if __name__ == "__main__":
+    # a scheduler's SIGTERM (a job's time limit) as SystemExit, so the running evaluation is stopped with this
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

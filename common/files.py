@@ -1,4 +1,5 @@
-"""Files written and found the same way everywhere: whole or not at all, and the newest training checkpoint.
+"""Files written and found the same way everywhere: whole or not at all, the newest training checkpoint, and the
+records a stopped run resumes from.
 
 Light on purpose (standard library only): ``common.pipeline`` uses it in the process that only supervises the
 stages, which has no reason to import torch.
@@ -6,25 +7,62 @@ stages, which has no reason to import torch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from common.errors import InputError
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write through a temporary sibling and a rename, so readers never see half a file."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` fills a temporary sibling that is renamed to ``path`` once whole, so readers (and a run that
+    resumes after a kill) never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` whole or not at all (:func:`write_atomic`)."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+# An evaluation that samples for hours records what it has drawn in this folder of its output folder, one file per
+# sampling run, so that a rerun with resume picks up where it stopped; ``common.pipeline`` resumes a stage that
+# wrote such a file, as it does a training stage that wrote a checkpoint.
+SAMPLING_PROGRESS_DIR = "sampling_progress"
+
+
+def remove_sampling_progress(output_dir: str | os.PathLike) -> None:
+    """Delete the sampling progress records under ``output_dir`` once the evaluation they belong to is written."""
+    shutil.rmtree(Path(output_dir) / SAMPLING_PROGRESS_DIR, ignore_errors=True)
+
+
+def file_fingerprint(paths: Iterable[str | os.PathLike]) -> list[list]:
+    """[file name, SHA-256 of its contents] of each file ([name, None] if missing): changes when a file is rewritten
+    with other contents, e.g. a model retrained, so that records made with the old one are not taken for the new
+    one's, and stays when a run folder is copied or moved."""
+    result = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            result.append([path.name, None])
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        result.append([path.name, digest.hexdigest()])
+    return result
 
 
 def latest_checkpoint(ckpt_dir: str) -> str:

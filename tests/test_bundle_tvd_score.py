@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from common.data import load_datalist
 from common.diffusion import ConditionalPredictions
 from common.engines import latest_checkpoint
 from common.errors import DatalistError, InputError
+from common.files import SAMPLING_PROGRESS_DIR
 from tests import bundle_runner
 from tests.bundle_runner import REPO, cli_value
 
@@ -321,18 +323,52 @@ def test_evaluation_reports_both_features_with_finite_scores(pipeline):
     assert all(f"| {f} |" in markdown for f in FEATURES) and "plain (unguided)" in markdown
 
 
-def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipeline, tmp_path):
+def test_a_stopped_evaluation_resumes_from_its_sampling_records(pipeline, tmp_path):
+    """Stopped after both features' conditional sampling (the unguided sampling made to fail), then run with
+    ``--resume True``: the features come from the records (a record's drawn counts, doubled on purpose, halve
+    its feature's reported acceptance) and everything else equals the evaluation that never stopped."""
+    root, common = pipeline
+    out = tmp_path / "eval"
+    configs = ["train.json", "evaluate.json", "ellipses.json"]
+    overrides = [*common, *SCHEDULE, ("output_dir", str(out))]
+    records = out / SAMPLING_PROGRESS_DIR
+    records.mkdir(parents=True)
+    (records / "plain.pt").write_bytes(b"an older run's record")  # a run without resume starts without them
+    stopped = bundle_runner.run_bundle("tvd_score", configs, *overrides, ("evaluate#plain", "$1 / 0"), expect_ok=False)
+    assert stopped.returncode != 0 and "ZeroDivisionError" in stopped.stderr
+    assert sorted(p.name for p in records.iterdir()) == ["conditional_aspect_ratio.pt", "conditional_size.pt"]
+    assert not (out / "tvd_scores.json").exists()
+    record = torch.load(records / "conditional_size.pt", weights_only=True)
+    assert record["done"] == 3
+    record["drawn"] = record["drawn"] * 2
+    torch.save(record, records / "conditional_size.pt")
+
+    bundle_runner.run_bundle("tvd_score", configs, *overrides, ("resume", True))
+    resumed = json.loads((out / "tvd_scores.json").read_text())
+    whole = json.loads((root / "bundle" / "eval" / "tvd_scores.json").read_text())
+    assert not records.exists()  # the records go once the report is written
+    size, whole_size = resumed["features"].pop("size"), whole["features"].pop("size")
+    assert size["acceptance_per_value"] == pytest.approx([a / 2 for a in whole_size["acceptance_per_value"]])
+    assert size["local_scores"] == whole_size["local_scores"]
+    assert resumed["features"] == whole["features"] and resumed["coverage"] == whole["coverage"]
+
+
+def _sampler_benchmark_args(pipeline, out) -> list[str]:
     root, common = pipeline
     # the benchmark sets the steps itself (50 DDIM, 1000 DDPM)
     skip = ("bundle_root", "rejection_tolerance", "num_inference_steps")
     settings = [f"{k}={cli_value(v)}" for k, v in common if k not in skip]
     settings.append("rejection_tolerance=100.0")
-    out = tmp_path / "tvd_samplers.md"
     args = ["--bundle_root", str(root / "bundle"), "--preset", "ellipses.json", "--n_values", "1"]
     args += ["--samples_per_value", "2", "--batch", "2", "--out", str(out)]
     for setting in settings:
         args += ["--set", setting]
-    assert tvd_samplers.main(args) == 0
+    return args
+
+
+def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipeline, tmp_path):
+    out = tmp_path / "tvd_samplers.md"
+    assert tvd_samplers.main(_sampler_benchmark_args(pipeline, out)) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert all(t > 0 for t in result["seconds_per_sample"].values())  # the speed itself is the benchmark's job
     for sampler, steps in (("ddim", 50), ("ddpm", 1000)):  # each evaluation ran with its own sampler and steps
@@ -342,6 +378,56 @@ def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipelin
         assert set(result["evaluations"][sampler]["features"]) == set(FEATURES)
     text = out.read_text()
     assert "DDPM / DDIM time per sample" in text and all(f"| {f} |" in text for f in FEATURES)
+
+
+@pytest.mark.filterwarnings("ignore:DDPM sampling with 4 < 1000 steps")  # expected: 4 steps are for speed here
+def test_sampler_benchmark_goes_on_after_a_stop(pipeline, tmp_path, monkeypatch):
+    """Stopped during the DDPM evaluation (after its conditional sampling, as a kill would), the same command goes
+    on: the timing and the finished DDIM evaluation are kept, the DDPM one resumes from its sampling records, its
+    time is the sum of both pieces; other arguments are refused. (4 sampling steps for both samplers: the
+    continuation is under test, not the samplers, which the test above runs at their 50 and 1000 steps.)"""
+    out = tmp_path / "tvd_samplers.md"
+    monkeypatch.setattr(tvd_samplers, "SAMPLERS", {"ddim": 4, "ddpm": 4})
+    args = [*_sampler_benchmark_args(pipeline, out), "--set", "num_inference_steps=4"]
+    runs, real_run_stage, commands = tmp_path / "tvd_samplers_runs", tvd_samplers.run_stage, []
+
+    def killed_in_ddpm(command, note, **popen):
+        commands.append(command)
+        if "ddpm" not in command:
+            return real_run_stage(command, note, **popen)
+        _, seconds = real_run_stage([*command, "--evaluate#plain", "$1 / 0"], note, **popen)
+        return -signal.SIGKILL, seconds
+
+    monkeypatch.setattr(tvd_samplers, "run_stage", killed_in_ddpm)
+    with pytest.raises(subprocess.CalledProcessError):
+        tvd_samplers.main(args)
+    first = json.loads((runs / "progress.json").read_text())
+    assert first["evaluations"]["ddim"]["finished"] and not first["evaluations"]["ddpm"]["finished"]
+    assert len(list((runs / "ddpm" / SAMPLING_PROGRESS_DIR).glob("conditional_*.pt"))) == 2
+    ddim_report = (runs / "ddim" / "tvd_scores.json").stat().st_mtime_ns
+
+    commands.clear()
+    monkeypatch.setattr(
+        tvd_samplers,
+        "run_stage",
+        lambda command, note, **popen: commands.append(command) or real_run_stage(command, note, **popen),
+    )
+    assert tvd_samplers.main(args) == 0
+    assert len(commands) == 1 and "ddpm" in commands[0]  # neither the timing nor DDIM again
+    assert commands[0][commands[0].index("--resume") + 1] == "True"
+    assert (runs / "ddim" / "tvd_scores.json").stat().st_mtime_ns == ddim_report
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["seconds_per_sample"] == first["seconds_per_sample"]
+    assert result["evaluations"]["ddpm"]["pieces"] == 2
+    assert result["evaluations"]["ddpm"]["wall_s"] > first["evaluations"]["ddpm"]["seconds"]
+    assert "(in 2 pieces)" in out.read_text()
+    assert not (runs / "progress.json").exists()  # finished: the same command would measure afresh
+
+    with pytest.raises(subprocess.CalledProcessError):  # stopped again, in DDPM: other arguments are refused
+        monkeypatch.setattr(tvd_samplers, "run_stage", killed_in_ddpm)
+        tvd_samplers.main(args)
+    with pytest.raises(InputError, match="progress.json: the record of a run with other arguments .*batch"):
+        tvd_samplers.main([*args, "--batch", "3"])
 
 
 def test_sampler_agreement_needs_the_whole_interval_inside_the_margin():

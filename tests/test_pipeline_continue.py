@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import InputError
+from common.files import SAMPLING_PROGRESS_DIR
 from common.pipeline import PROGRESS_FILE, resumable
 from common.pipeline import main as pipeline_main
 
@@ -117,13 +118,29 @@ def test_a_stage_resumes_only_from_a_checkpoint_of_its_own(tmp_path):
         folder.mkdir(parents=True)
     (earlier_stage / "checkpoint_epoch=30.pt").write_text("")
     os.utime(earlier_stage / "checkpoint_epoch=30.pt", (started - 60, started - 60))
-    assert resumable(tmp_path, started) == (False, "it wrote no checkpoint before it stopped")
+    assert resumable(tmp_path, started) == (
+        False,
+        "it wrote no checkpoint or sampling progress record before it stopped",
+    )
     (own / "checkpoint_epoch=5.pt").write_text("")
     assert resumable(tmp_path, started) == (True, "")
     (own / "checkpoint_epoch=100.pt").write_text("")
     os.utime(own / "checkpoint_epoch=100.pt", (started - 60, started - 60))
     resume, why_not = resumable(tmp_path, started)
     assert not resume and "checkpoint_epoch=100.pt (an earlier run's) has a higher epoch" in why_not
+
+
+def test_an_evaluation_resumes_from_a_sampling_record_of_its_own(tmp_path):
+    """A sampling evaluation (TVD) has no epoch checkpoints: the sampling progress record it wrote since its first
+    piece started makes it resumable; an older one does not."""
+    started = time.time() - 1.0
+    records = tmp_path / "eval" / SAMPLING_PROGRESS_DIR
+    records.mkdir(parents=True)
+    (records / "plain.pt").write_text("")
+    os.utime(records / "plain.pt", (started - 60, started - 60))
+    assert not resumable(tmp_path, started)[0]
+    (records / "conditional_size.pt").write_text("")
+    assert resumable(tmp_path, started) == (True, "")
 
 
 def test_continue_refuses_a_record_it_did_not_write(bundle, tmp_path):

@@ -26,6 +26,7 @@ from common.diffusion import (
     sample_coverage,
     scores_markdown,
 )
+from common.errors import InputError
 from common.metrics.tvd import global_tvd_score, local_tvd_scores, tvd_bootstrap_variance
 from tests.toys import tiny_diffusion_unet
 
@@ -225,6 +226,103 @@ def test_deterministic_for_a_generator():
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.features[0], c.features[0])
     assert a.embeddings[0].shape == (100, 16) and a.embeddings[0].dtype == np.float32
+
+
+class Stop(Exception):
+    """What a kill does to the sampling, raised by the sampler after its n-th call."""
+
+
+def stopping_after(sample_fn, calls: int):
+    count = [0]
+
+    def stopping(n, target, generator):
+        count[0] += 1
+        if count[0] > calls:
+            raise Stop
+        return sample_fn(n, target, generator)
+
+    return stopping
+
+
+def assert_same_result(a: ConditionalPredictions, b: ConditionalPredictions):
+    for field in ("values", "drawn", "accepted", "kept", "rounds"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    for x, y in zip(a.features + a.predictions + a.embeddings, b.features + b.predictions + b.embeddings, strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_stopped_sampling_resumes_to_the_result_of_one_that_never_stopped(tmp_path):
+    """Stopped during the second batch of the third value (two values and one batch recorded), then resumed: what
+    the record holds is taken from it (not drawn again) and the generator goes on from its recorded state."""
+    sampler = toy_sampler(off_target_fraction=0.3, off_by=0.5)
+    kwargs = dict(values=[0.2, 0.3, 0.7, 0.8], samples_per_value=30, batch_size=20, embed_fn=lambda x: x[:, 1])
+    key = {"settings": {"rho": 0.1}}
+    whole = run(by_noise, sampler=sampler, generator=seeded(5), **kwargs)
+    assert whole.rounds[2] >= 2
+    record = tmp_path / "progress" / "conditional_size.pt"
+    calls_before_the_stop = int(whole.rounds[:2].sum()) + 1
+    with pytest.raises(Stop):
+        run(by_noise, sampler=stopping_after(sampler, calls_before_the_stop), generator=seeded(5),
+            progress_file=record, run_key=key, **kwargs)  # fmt: skip
+    stopped = torch.load(record, weights_only=True)
+    assert stopped["done"] == 2 and 0 < len(stopped["partial"]["predictions"][0]) <= 20
+    assert [p.name for p in record.parent.iterdir()] == [record.name]  # no temporary file left behind
+
+    log = []
+    resumed = run(by_noise, sampler=toy_sampler(off_target_fraction=0.3, off_by=0.5, log=log), generator=seeded(5),
+                  progress_file=record, resume=True, run_key=key, **kwargs)  # fmt: skip
+    assert_same_result(resumed, whole)
+    assert len(log) == int(whole.rounds.sum()) - calls_before_the_stop  # only what the record did not hold
+    assert torch.load(record, weights_only=True)["done"] == 4
+
+    log.clear()  # a finished record: nothing is drawn again
+    again = run(by_noise, sampler=toy_sampler(log=log), generator=seeded(5), progress_file=record, resume=True,
+                run_key=key, **kwargs)  # fmt: skip
+    assert_same_result(again, whole) and not log
+    record.write_bytes(b"an older run's record")  # without resume a record is not read, and is replaced
+    fresh = run(
+        by_noise, sampler=toy_sampler(log=log), generator=seeded(5), progress_file=record, run_key=key, **kwargs
+    )
+    assert len(log) == int(fresh.rounds.sum()) and torch.load(record, weights_only=True)["done"] == 4
+
+
+def test_a_sampling_record_needs_a_generator(tmp_path):
+    with pytest.raises(ValueError, match="progress_file needs a generator"):
+        run(generator=None, progress_file=tmp_path / "plain.pt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_generator_resumes_from_its_recorded_state(tmp_path):
+    generator = lambda: torch.Generator(device="cuda").manual_seed(3)
+    sample_fn = lambda n, target, g: (
+        torch.randn(n, 2, 4, 4, generator=g, device="cuda").cpu() * 0.1 + target.reshape(n, 1, 1, 1)
+    )
+    kwargs = dict(values=[0.2, 0.8], samples_per_value=10, batch_size=10, tolerance=None)
+    whole = run(by_feature, sampler=sample_fn, generator=generator(), **kwargs)
+    record = tmp_path / "c.pt"
+    with pytest.raises(Stop):
+        run(by_feature, sampler=stopping_after(sample_fn, 1), generator=generator(), progress_file=record, **kwargs)
+    resumed = run(by_feature, sampler=sample_fn, generator=generator(), progress_file=record, resume=True, **kwargs)
+    assert_same_result(resumed, whole)
+
+
+def test_a_sampling_record_of_another_run_is_refused_naming_what_differs(tmp_path):
+    record = tmp_path / "conditional_size.pt"
+    base = dict(values=[0.2, 0.8], samples_per_value=10, batch_size=10, progress_file=record)
+    key = {"settings": {"rho": 0.1}, "models": [["d.pt", 10, 1]]}
+    run(generator=seeded(5), run_key=key, **base)
+    for changed, differs in (
+        (dict(generator=seeded(6), run_key=key), r"generator_initial_state \(the seed or the device\)"),
+        (dict(generator=seeded(5), run_key={**key, "models": [["d.pt", 10, 2]]}), "run.models"),
+        (dict(generator=seeded(5), run_key={**key, "settings": {"rho": 0.2}}), "run.settings"),
+        (dict(generator=seeded(5), run_key=key, values=[0.2, 0.9]), "values"),
+    ):
+        with pytest.raises(InputError, match=f"{record}: records sampling that differs from this run's in .*{differs}"):
+            run(resume=True, **{**base, **changed})
+    record.write_bytes(b"not a record")
+    with pytest.raises(InputError, match=f"{record}: not a sampling progress record"):
+        run(resume=True, generator=seeded(5), **base)
 
 
 def test_classifier_modules_are_evaluated_in_eval_mode_and_restored():

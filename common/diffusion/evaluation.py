@@ -24,6 +24,8 @@ so that every value has the same number of predictions.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import warnings
@@ -41,6 +43,8 @@ import torch  # noqa: E402
 from monai.utils import optional_import  # noqa: E402
 
 from common.diffusion.guided import reject_off_target  # noqa: E402
+from common.errors import InputError  # noqa: E402
+from common.files import write_atomic  # noqa: E402
 from common.metrics.tvd import (  # noqa: E402
     coverage,
     global_tvd_score,
@@ -167,6 +171,9 @@ def conditional_predictions(
     generator: torch.Generator | None = None,
     progress: bool = False,
     embed_fn: Callable[[torch.Tensor], Any] | None = None,
+    progress_file: str | os.PathLike | None = None,
+    resume: bool = False,
+    run_key: Any = None,
 ) -> ConditionalPredictions:
     """Predictions of the classifier on samples drawn at each target feature value (paper 3.3, appendix D.1).
 
@@ -192,6 +199,15 @@ def conditional_predictions(
             gives the same result (on the device ``sample_fn`` samples on).
         progress: a tqdm bar over the values.
         embed_fn: images -> (n, ...) embeddings of the kept samples, kept for :func:`sample_coverage`.
+        progress_file: where to record, after each batch, what was drawn so far and the generator's state
+            (written whole or not at all), so that an evaluation of many hours can stop and go on; None: no record.
+        resume: go on from ``progress_file`` if it exists (else start afresh): the values and batches it records
+            are taken from it and the generator continues from its recorded state, so the result equals that of a
+            run that never stopped where the sampling is deterministic (on the CPU; on CUDA only with deterministic
+            algorithms). Without ``resume`` an existing record is deleted first. Needs ``generator``.
+        run_key: JSON-able description of everything else the samples depend on (the sampler's settings, a
+            fingerprint of the models' files): a record is resumed only if it, the arguments here and the
+            generator's initial state match; otherwise :class:`~common.errors.InputError` names what differs.
 
     Everything runs under ``torch.no_grad`` (``guided_sample`` enables gradients itself where it guides),
     with the modules behind ``classify_fn``, ``feature_fn`` and ``embed_fn`` (modules or their bound methods)
@@ -224,12 +240,45 @@ def conditional_predictions(
     features: list[np.ndarray] | None = [] if reject else None
     embeddings: list[np.ndarray] | None = [] if embed_fn is not None else None
 
-    bar = tqdm(range(n_values), desc="conditional sampling") if progress and has_tqdm else range(n_values)
+    start, partial = 0, ([], [], [])
+    if progress_file is not None:
+        if generator is None:
+            raise ValueError("progress_file needs a generator: a resumed run must go on with the stopped run's draws")
+        rule = (feature_sd, tolerance) if reject else (None, None)
+        key = _progress_key(
+            run_key, targets, samples_per_value, batch_size, *rule, max_rounds, embed_fn is not None, generator
+        )
+        record = _read_progress(progress_file, key) if resume else None
+        if record is None:
+            Path(progress_file).unlink(missing_ok=True)
+        else:
+            start = record["done"]
+            for name, counts in (("drawn", drawn), ("accepted", accepted), ("rounds", rounds)):
+                counts[:] = record[name].numpy()
+            arrays = lambda tensors: [t.numpy() for t in tensors]
+            predictions = arrays(record["predictions"])
+            features = None if features is None else arrays(record["features"])
+            embeddings = None if embeddings is None else arrays(record["embeddings"])
+            partial = tuple(arrays(record["partial"][name]) for name in ("predictions", "features", "embeddings"))
+            generator.set_state(record["generator_state"])
+
+    def save(done: int, current: tuple = ([], [], [])) -> None:
+        """The record after a batch (``current``: the kept samples of value ``done`` so far) or a whole value."""
+        _write_progress(
+            progress_file, key, done, drawn, accepted, rounds, predictions, features, embeddings, current, generator
+        )
+
+    values_left = range(start, n_values)
+    bar = (
+        tqdm(values_left, desc="conditional sampling", initial=start, total=n_values)
+        if progress and has_tqdm
+        else values_left
+    )
     with frozen(*modules_of(classify_fn, feature_fn, embed_fn)), torch.no_grad():
         for i in bar:
             target = targets[i]
-            preds, feats, embs = [], [], []
-            kept = 0
+            preds, feats, embs = partial if i == start else ([], [], [])
+            kept = sum(p.size for p in preds)
             while kept < samples_per_value and rounds[i] < max_rounds:
                 missing = samples_per_value - kept
                 rate = accepted[i] / drawn[i] if accepted[i] > 0 else 1.0
@@ -250,16 +299,17 @@ def conditional_predictions(
                     index = torch.arange(n)
                 accepted[i] += int(index.numel())
                 index = index[:missing]
-                if index.numel() == 0:
-                    continue
-                chosen = images[index.to(images.device)]
-                preds.append(_classes(classify_fn(chosen), int(index.numel())))
-                if g is not None:
-                    feats.append(g[index].numpy())
-                if embed_fn is not None:
-                    e = _per_image(embed_fn(chosen), int(index.numel()), "embed_fn")
-                    embs.append(e.reshape(e.shape[0], -1).float().numpy())
-                kept += int(index.numel())
+                if index.numel() > 0:
+                    chosen = images[index.to(images.device)]
+                    preds.append(_classes(classify_fn(chosen), int(index.numel())))
+                    if g is not None:
+                        feats.append(g[index].numpy())
+                    if embed_fn is not None:
+                        e = _per_image(embed_fn(chosen), int(index.numel()), "embed_fn")
+                        embs.append(e.reshape(e.shape[0], -1).float().numpy())
+                    kept += int(index.numel())
+                if progress_file is not None and kept < samples_per_value and rounds[i] < max_rounds:
+                    save(i, (preds, feats, embs))  # a value can take long (e.g. the thousands of plain samples)
             predictions.append(np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64))
             if features is not None:
                 shape = (0,) if target.numel() == 1 else (0, target.numel())
@@ -268,6 +318,8 @@ def conditional_predictions(
                 embeddings.append(np.concatenate(embs) if embs else np.zeros((0, 0), dtype=np.float32))
             if progress and has_tqdm:
                 bar.set_postfix(kept=kept, drawn=int(drawn[i]))
+            if progress_file is not None:
+                save(i + 1)
 
     return ConditionalPredictions(
         values=np.stack([t.numpy() for t in targets]),
@@ -280,6 +332,84 @@ def conditional_predictions(
         rounds=rounds,
         samples_per_value=int(samples_per_value),
     )
+
+
+def _progress_key(
+    run_key, targets, samples_per_value, batch_size, feature_sd, tolerance, max_rounds, embed, generator
+) -> str:
+    """What a progress record must have been made with to be resumed, as JSON (see :func:`conditional_predictions`)."""
+    state = None if generator is None else hashlib.sha1(generator.get_state().numpy().tobytes()).hexdigest()
+    key = {
+        "run": run_key,
+        "values": [t.tolist() for t in targets],
+        "samples_per_value": samples_per_value,
+        "batch_size": batch_size,
+        "feature_sd": None if feature_sd is None else _cpu(feature_sd).double().tolist(),
+        "tolerance": tolerance,
+        "max_rounds": max_rounds,
+        "embeddings": embed,
+        "generator_initial_state": state,
+    }
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _write_progress(
+    path, key, done, drawn, accepted, rounds, predictions, features, embeddings, current, generator
+) -> None:
+    tensors = lambda arrays: None if arrays is None else [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    record = {
+        "key": key,
+        "done": done,
+        "drawn": torch.from_numpy(drawn.copy()),
+        "accepted": torch.from_numpy(accepted.copy()),
+        "rounds": torch.from_numpy(rounds.copy()),
+        "predictions": tensors(predictions),
+        "features": tensors(features),
+        "embeddings": tensors(embeddings),
+        "partial": {name: tensors(arrays) for name, arrays in zip(("predictions", "features", "embeddings"), current)},
+        "generator_state": generator.get_state(),
+    }
+    write_atomic(path, lambda tmp: torch.save(record, tmp))
+
+
+# What a mismatch of a key field means to the user.
+_KEY_FIELD_MEANING = {"generator_initial_state": "generator_initial_state (the seed or the device)"}
+
+
+def _read_progress(path, key: str) -> dict | None:
+    """The record at ``path`` if there is one (None if not); :class:`InputError` if it is not one of this run."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        recorded = json.loads(record["key"])
+        record["done"] = int(record["done"])
+        fields = ("drawn", "accepted", "rounds", "predictions", "features", "embeddings", "generator_state")
+        if any(name not in record for name in fields):
+            raise KeyError(", ".join(name for name in fields if name not in record))
+        record["partial"] = {name: list(record["partial"][name]) for name in ("predictions", "features", "embeddings")}
+    except Exception as error:  # any unreadable or incomplete file gets the same message
+        raise InputError(
+            f"{path}: not a sampling progress record ({type(error).__name__}: {error}); expected one written by "
+            "conditional_predictions: delete it, or run without resume"
+        ) from error
+    expected = json.loads(key)
+    if recorded != expected:
+        differ = [k for k in expected if recorded.get(k) != expected[k]]
+        if "run" in differ and isinstance(expected["run"], dict) and isinstance(recorded.get("run"), dict):
+            differ.remove("run")
+            differ += [
+                f"run.{k}"
+                for k in {**expected["run"], **recorded["run"]}
+                if recorded["run"].get(k) != expected["run"].get(k)
+            ]
+        raise InputError(
+            f"{path}: records sampling that differs from this run's in "
+            f"{', '.join(_KEY_FIELD_MEANING.get(k, k) for k in differ)}; expected a record of this same evaluation "
+            "(same settings, values, models and seed): delete it, or run without resume"
+        )
+    return record
 
 
 def feature_scores(
