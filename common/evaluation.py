@@ -11,8 +11,11 @@ with the paper's figure beside ours) and ``examples.png`` (the same cases under 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -29,9 +32,9 @@ from monai.handlers import from_engine  # noqa: E402
 
 from common.attribution import attribute  # noqa: E402
 from common.data import load_datalist  # noqa: E402
-from common.engines.batches import PrepareKeys  # noqa: E402
+from common.engines.batches import PrepareKeys, RandomStates  # noqa: E402
 from common.errors import InputError  # noqa: E402
-from common.files import write_text_atomic  # noqa: E402
+from common.files import EVALUATION_PROGRESS_DIR, write_atomic, write_text_atomic  # noqa: E402
 from common.handlers import AUPRC, AUROC, AUROC10, Dice, OperatingThreshold  # noqa: E402
 from common.metrics import mean_sd  # noqa: E402
 
@@ -80,12 +83,90 @@ class BaselineMap(MapMethod):
         super().__init__(fn, postprocess, needs_grad=True)
 
 
+class MapRecords:
+    """Per-batch records of an evaluation's maps, so that a stopped evaluation goes on where it stopped.
+
+    The baselines on 3D volumes (occlusion, 200-step integrated gradients) take hours on a CPU, longer than a job or
+    session may last. After each batch the maps (and everything else the iteration computed), a digest of the
+    batch's images and the global random generators' states (expected gradients draws its references) go to
+    ``<output_dir>/evaluation_progress/<name>/batch_<iteration>.pt``, written whole or not at all. With ``resume`` a
+    batch that has a record is taken from it and the generators are restored, so the metrics equal those of a run
+    that never stopped where the maps are deterministic (on the CPU; on CUDA only with deterministic algorithms).
+    A record of another run (``run_key``: the model files' fingerprints and the methods' settings; or of other
+    images) is refused naming what differs. Without ``resume`` the folder is emptied first; once the evaluation
+    has completed, after every other handler (the report), it is removed.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, name: str, resume: bool = False, run_key=None):
+        self.folder = Path(output_dir) / EVALUATION_PROGRESS_DIR / name
+        self.resume = bool(resume)
+        self.key = json.dumps(run_key, sort_keys=True, default=str)
+        self.random_states = RandomStates()
+        self.counts = {"from records": 0, "computed": 0}
+        if not self.resume:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def attach(self, engine) -> None:
+        # registered when the run starts, so it comes after every handler the config attached (the report's)
+        engine.add_event_handler(Events.STARTED, lambda e: e.add_event_handler(Events.COMPLETED, self._finish))
+
+    def _finish(self, engine) -> None:
+        logging.getLogger(__name__).info(
+            "%s: %d batches from records, %d computed",
+            self.folder,
+            self.counts["from records"],
+            self.counts["computed"],
+        )
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def outputs(self, iteration: int, images: torch.Tensor, compute: Callable[[], dict], device) -> dict:
+        """``compute()`` (a dict of tensors) for this batch, or what the record of a stopped run holds."""
+        path = self.folder / f"batch_{iteration:06d}.pt"
+        digest = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        if self.resume and path.is_file():
+            record = self._read(path)
+            if record["key"] != self.key or record["images"] != digest:
+                what = "the models or the methods' settings" if record["key"] != self.key else "the batch's images"
+                raise InputError(
+                    f"{path}: a record of another evaluation ({what} differ from this run's); expected the record of "
+                    "this same evaluation: delete the folder, or run without resume"
+                )
+            self.random_states.load_state_dict(record["random_states"])
+            self.counts["from records"] += 1
+            return {name: value.to(device) for name, value in record["outputs"].items()}
+        outputs = compute()
+        record = {
+            "key": self.key,
+            "images": digest,
+            "outputs": {name: value.detach().cpu() for name, value in outputs.items()},
+            "random_states": self.random_states.state_dict(),
+        }
+        write_atomic(path, lambda tmp: torch.save(record, tmp))
+        self.counts["computed"] += 1
+        return outputs
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=True)
+            for field in ("key", "images", "outputs", "random_states"):
+                if field not in record:
+                    raise KeyError(field)
+        except Exception as error:  # any unreadable or incomplete file gets the same message
+            raise InputError(
+                f"{path}: not an evaluation progress record ({type(error).__name__}: {error}); expected one written "
+                "by common.evaluation.MapRecords: delete it, or run without resume"
+            ) from error
+        return record
+
+
 class AttributionEvaluator(Evaluator):
     """Computes ``map_<name>`` for every method in ``methods`` on each batch of ``val_data_loader``.
 
     ``prepare_batch`` returns (images, ground-truth maps); the output holds ``image``, ``target``
     and one ``map_<name>`` per method, batch-first. ``metrics`` are Ignite metrics (e.g.
-    :class:`common.handlers.NCC` per method) computed over all batches.
+    :class:`common.handlers.NCC` per method) computed over all batches. ``progress``: a :class:`MapRecords`
+    that records each batch's maps, so that a stopped evaluation goes on (None: no records).
     """
 
     def __init__(
@@ -96,6 +177,7 @@ class AttributionEvaluator(Evaluator):
         metrics: Mapping | None = None,
         prepare_batch: Callable | None = None,
         val_handlers=None,
+        progress: MapRecords | None = None,
     ):
         # MONAI registers additional metrics only next to a key metric: the first one is the key.
         names = list(metrics or {})
@@ -111,13 +193,23 @@ class AttributionEvaluator(Evaluator):
             decollate=False,
         )
         self.methods = dict(methods)
+        self.progress = progress
+        if progress is not None:
+            progress.attach(self)
 
     def _iteration(self, engine, batchdata):
         images, target = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         output = {"image": images, "target": target}
-        for name, method in self.methods.items():
-            output[f"map_{name}"] = method(images)
+        compute = lambda: self._maps(engine, batchdata, images)
+        if self.progress is None:
+            output.update(compute())
+        else:
+            output.update(self.progress.outputs(engine.state.iteration, images, compute, engine.state.device))
         return output
+
+    def _maps(self, engine, batchdata, images) -> dict:
+        """Everything costly the iteration computes (what :class:`MapRecords` records): here the maps."""
+        return {f"map_{name}": method(images) for name, method in self.methods.items()}
 
 
 class AttributionReport:

@@ -37,15 +37,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-# An evaluation that samples for hours records what it has drawn in this folder of its output folder, one file per
-# sampling run, so that a rerun with resume picks up where it stopped; ``common.pipeline`` resumes a stage that
-# wrote such a file, as it does a training stage that wrote a checkpoint.
-SAMPLING_PROGRESS_DIR = "sampling_progress"
+# An evaluation that runs for hours (the TVD score's guided sampling, the attribution baselines on 3D volumes)
+# records what it has done in this folder of its output folder, so that a rerun with resume picks up where it
+# stopped; ``common.pipeline`` resumes a stage that wrote such a record, as it does a training stage that wrote a
+# checkpoint.
+EVALUATION_PROGRESS_DIR = "evaluation_progress"
 
 
-def remove_sampling_progress(output_dir: str | os.PathLike) -> None:
-    """Delete the sampling progress records under ``output_dir`` once the evaluation they belong to is written."""
-    shutil.rmtree(Path(output_dir) / SAMPLING_PROGRESS_DIR, ignore_errors=True)
+def remove_evaluation_progress(output_dir: str | os.PathLike) -> None:
+    """Delete the progress records under ``output_dir`` once the evaluation they belong to is written."""
+    shutil.rmtree(Path(output_dir) / EVALUATION_PROGRESS_DIR, ignore_errors=True)
 
 
 def file_fingerprint(paths: Iterable[str | os.PathLike]) -> list[list]:

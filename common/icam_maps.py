@@ -238,6 +238,7 @@ class PairedAttributionEvaluator(AttributionEvaluator):
         pair_key: str = "healthy",
         target_key: str = "mask",
         val_handlers: Sequence | None = None,
+        progress=None,
     ):
         super().__init__(
             device=device,
@@ -246,27 +247,34 @@ class PairedAttributionEvaluator(AttributionEvaluator):
             metrics=metrics,
             prepare_batch=PrepareKeys(image_key, target_key),
             val_handlers=val_handlers,
+            progress=progress,
         )
         self.pair_methods = dict(pair_methods or {})
         self.classifier = classifier
         self.pair_key = pair_key
 
+    def _pair(self, engine, batchdata) -> torch.Tensor:
+        return convert_to_tensor(batchdata[self.pair_key], track_meta=False).to(engine.state.device)
+
     def _iteration(self, engine, batchdata):
         output = super()._iteration(engine, batchdata)
-        pair = convert_to_tensor(batchdata[self.pair_key], track_meta=False).to(engine.state.device)
-        output["pair_image"] = pair
+        output["pair_image"] = self._pair(engine, batchdata)
+        return output
+
+    def _maps(self, engine, batchdata, images) -> dict:
+        maps = super()._maps(engine, batchdata, images)
+        pair = self._pair(engine, batchdata)
         for name, method in self.pair_methods.items():
-            output[f"pair_map_{name}"] = method(pair)
+            maps[f"pair_map_{name}"] = method(pair)
         if self.classifier is not None:
-            images = output["image"]
             was_training = self.classifier.training
             self.classifier.eval()
             with torch.no_grad():
                 logits = self.classifier(torch.cat([images, pair])).float()
             self.classifier.train(was_training)
-            output["class_pred"] = _predicted_labels(logits)
-            output["class_label"] = torch.cat([images.new_ones(images.shape[0]), pair.new_zeros(pair.shape[0])])
-        return output
+            maps["class_pred"] = _predicted_labels(logits)
+            maps["class_label"] = torch.cat([images.new_ones(images.shape[0]), pair.new_zeros(pair.shape[0])])
+        return maps
 
 
 def paired_ncc_metrics(methods: Sequence[str], absolute: bool = True) -> dict:

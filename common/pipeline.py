@@ -25,7 +25,8 @@ stages with their times, the running one with the start of its first piece and, 
 skips the finished stages and reruns the interrupted one with ``--resume True`` when that stage wrote a
 ``checkpoint_epoch=N.pt`` under the bundle root since its first piece started (the training configs then
 continue from their newest checkpoint; see the README's "Resuming after a failure") or a sampling progress
-record (the TVD evaluation then keeps the feature values it finished and draws on from the next), from its start
+record (an evaluation then keeps what it had done: the TVD score's samples, the attribution maps of the batches it
+finished), from its start
 otherwise (also when an earlier run left a checkpoint of a higher epoch in the same folder, which a
 resume would load). A stage's time is the sum of its pieces: wall time spent, including the work after
 its last checkpoint that an interruption lost (and up to ``PROGRESS_INTERVAL`` seconds uncounted per
@@ -46,7 +47,7 @@ import time
 from pathlib import Path
 
 from common.errors import InputError
-from common.files import SAMPLING_PROGRESS_DIR, latest_checkpoint, write_text_atomic
+from common.files import EVALUATION_PROGRESS_DIR, latest_checkpoint, write_text_atomic
 
 
 def read_stages(bundle: Path, pipeline: str = "pipeline.json") -> list[dict]:
@@ -115,15 +116,19 @@ def read_progress(path: Path, pipeline: str, stages: list[str], overrides: list[
 
 def resumable(root: Path, since: float) -> tuple[bool, str]:
     """Whether the stage whose first piece started at time ``since`` left something to resume from, and why not:
-    a folder under ``root`` got a ``checkpoint_epoch=N.pt`` (training) or a sampling progress record (an evaluation
-    that samples, see ``common.files.SAMPLING_PROGRESS_DIR``) since then (the stages run one at a time, so it is the
+    a folder under ``root`` got a ``checkpoint_epoch=N.pt`` (training) or an evaluation's progress record (see
+    ``common.files.EVALUATION_PROGRESS_DIR``) since then (the stages run one at a time, so it is the
     stage's own), and in every folder with such checkpoints the one a resume loads (the highest epoch) is one of
-    those, not a leftover of an earlier run that got further. (A stale sampling record is refused by the sampling
-    itself: it records what it was made with.)"""
+    those, not a leftover of an earlier run that got further. (A stale evaluation record is refused by the
+    evaluation itself: it records what it was made with.)"""
     written = sorted({path.parent for path in root.rglob("*checkpoint_epoch=*.pt") if path.stat().st_mtime >= since})
-    records = [path for path in root.rglob(f"{SAMPLING_PROGRESS_DIR}/*.pt") if path.stat().st_mtime >= since]
+    records = [
+        path
+        for path in root.rglob("*.pt")
+        if EVALUATION_PROGRESS_DIR in path.relative_to(root).parts and path.stat().st_mtime >= since
+    ]
     if not written and not records:
-        return False, "it wrote no checkpoint or sampling progress record before it stopped"
+        return False, "it wrote no checkpoint or evaluation progress record before it stopped"
     for folder in written:
         loaded = Path(latest_checkpoint(str(folder)))
         if loaded.stat().st_mtime < since:
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[pipeline] {name}: continuing the interrupted stage ({so_far:.0f} s before), "
                 + (
-                    "resumed (--resume True) from its newest checkpoint or sampling record"
+                    "resumed (--resume True) from its newest checkpoint or evaluation record"
                     if resume
                     else f"from its start: {why_not}"
                 ),

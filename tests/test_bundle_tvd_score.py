@@ -22,7 +22,7 @@ from common.data import load_datalist
 from common.diffusion import ConditionalPredictions
 from common.engines import latest_checkpoint
 from common.errors import DatalistError, InputError
-from common.files import SAMPLING_PROGRESS_DIR
+from common.files import EVALUATION_PROGRESS_DIR
 from tests import bundle_runner
 from tests.bundle_runner import REPO, cli_value
 
@@ -331,7 +331,7 @@ def test_a_stopped_evaluation_resumes_from_its_sampling_records(pipeline, tmp_pa
     out = tmp_path / "eval"
     configs = ["train.json", "evaluate.json", "ellipses.json"]
     overrides = [*common, *SCHEDULE, ("output_dir", str(out))]
-    records = out / SAMPLING_PROGRESS_DIR
+    records = out / EVALUATION_PROGRESS_DIR
     records.mkdir(parents=True)
     (records / "plain.pt").write_bytes(b"an older run's record")  # a run without resume starts without them
     stopped = bundle_runner.run_bundle("tvd_score", configs, *overrides, ("evaluate#plain", "$1 / 0"), expect_ok=False)
@@ -403,7 +403,7 @@ def test_sampler_benchmark_goes_on_after_a_stop(pipeline, tmp_path, monkeypatch)
         tvd_samplers.main(args)
     first = json.loads((runs / "progress.json").read_text())
     assert first["evaluations"]["ddim"]["finished"] and not first["evaluations"]["ddpm"]["finished"]
-    assert len(list((runs / "ddpm" / SAMPLING_PROGRESS_DIR).glob("conditional_*.pt"))) == 2
+    assert len(list((runs / "ddpm" / EVALUATION_PROGRESS_DIR).glob("conditional_*.pt"))) == 2
     ddim_report = (runs / "ddim" / "tvd_scores.json").stat().st_mtime_ns
 
     commands.clear()

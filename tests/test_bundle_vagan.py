@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from common.files import EVALUATION_PROGRESS_DIR
 from tests import bundle_runner
 from tests.bundle_runner import LPS, check_resume
 
@@ -94,6 +95,26 @@ def test_evaluate_reports_every_method(trained):
     table = (root / "bundle" / "eval" / "metrics.md").read_text()
     assert "| integrated_gradients |" in table
     assert (root / "bundle" / "eval" / "examples.png").stat().st_size > 1000
+
+
+def test_a_stopped_evaluation_goes_on_from_its_records(trained, tmp_path):
+    """The report cannot be written (a folder where metrics.json goes), so the run fails after recording every
+    batch; with --resume True the maps come from the records and the report equals the uninterrupted run's."""
+    root, common, _, _ = trained
+    out = tmp_path / "eval"
+    (out / "metrics.json").mkdir(parents=True)
+    overrides = [*common, ("ig_steps", 4), ("output_dir", str(out))]
+    stopped = run_bundle(["train.json", "evaluate.json"], *overrides, expect_ok=False)
+    assert stopped.returncode != 0
+    records = out / EVALUATION_PROGRESS_DIR / "test"
+    recorded = len(list(records.glob("batch_*.pt")))
+    assert recorded > 0
+    (out / "metrics.json").rmdir()
+    resumed = run_bundle(["train.json", "evaluate.json"], *overrides, ("resume", True))
+    assert f"{records}: {recorded} batches from records, 0 computed" in resumed.stdout + resumed.stderr
+    whole = json.loads((root / "bundle" / "eval" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == whole
+    assert not records.exists()
 
 
 def test_resume_continues_from_the_latest_checkpoint(trained):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import InputError
-from common.files import SAMPLING_PROGRESS_DIR
+from common.files import EVALUATION_PROGRESS_DIR
 from common.pipeline import PROGRESS_FILE, resumable
 from common.pipeline import main as pipeline_main
 
@@ -120,7 +120,7 @@ def test_a_stage_resumes_only_from_a_checkpoint_of_its_own(tmp_path):
     os.utime(earlier_stage / "checkpoint_epoch=30.pt", (started - 60, started - 60))
     assert resumable(tmp_path, started) == (
         False,
-        "it wrote no checkpoint or sampling progress record before it stopped",
+        "it wrote no checkpoint or evaluation progress record before it stopped",
     )
     (own / "checkpoint_epoch=5.pt").write_text("")
     assert resumable(tmp_path, started) == (True, "")
@@ -134,7 +134,7 @@ def test_an_evaluation_resumes_from_a_sampling_record_of_its_own(tmp_path):
     """A sampling evaluation (TVD) has no epoch checkpoints: the sampling progress record it wrote since its first
     piece started makes it resumable; an older one does not."""
     started = time.time() - 1.0
-    records = tmp_path / "eval" / SAMPLING_PROGRESS_DIR
+    records = tmp_path / "eval" / EVALUATION_PROGRESS_DIR
     records.mkdir(parents=True)
     (records / "plain.pt").write_text("")
     os.utime(records / "plain.pt", (started - 60, started - 60))
