@@ -11,7 +11,7 @@ training stages, the comparators it trains, then ``evaluate.json``) on one data 
 on the very same images. A finished run is reused (its evaluate outputs are read again) unless ``--fresh``
 or its overrides changed, so the full benchmark can be built up over several sessions; a run that was stopped
 part way (a job's time limit) is continued where it stopped (``common.pipeline --continue``: finished stages
-skipped, the interrupted stage resumed from its newest checkpoint or sampling record) unless ``--fresh``, and
+skipped, the interrupted stage resumed from its newest checkpoint or evaluation record) unless ``--fresh``, and
 its time is the sum of its pieces. ``--merge`` carries the other runs' records over from an earlier results JSON
 (the run folders may be gone by then: the full benchmark takes more hours than one machine keeps them), refusing
 any record whose pipeline or overrides differ from the run's current ones.

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -88,45 +87,53 @@ class MapRecords:
 
     The baselines on 3D volumes (occlusion, 200-step integrated gradients) take hours on a CPU, longer than a job or
     session may last. After each batch the maps (and everything else the iteration computed), a digest of the
-    batch's images and the global random generators' states (expected gradients draws its references) go to
+    batch's inputs and the global random generators' states (expected gradients draws its references) go to
     ``<output_dir>/evaluation_progress/<name>/batch_<iteration>.pt``, written whole or not at all. With ``resume`` a
     batch that has a record is taken from it and the generators are restored, so the metrics equal those of a run
     that never stopped where the maps are deterministic (on the CPU; on CUDA only with deterministic algorithms).
-    A record of another run (``run_key``: the model files' fingerprints and the methods' settings; or of other
-    images) is refused naming what differs. Without ``resume`` the folder is emptied first; once the evaluation
-    has completed, after every other handler (the report), it is removed.
+    A record of another run (``run_key``: the model files' fingerprints and the methods' settings; the evaluator
+    adds the names of its outputs; or of other inputs) is refused naming what differs. Without ``resume`` records
+    are neither read nor kept from an earlier run: the bundle's config empties the folder when it starts without
+    resume and removes it after the report (``common.files.remove_evaluation_progress``), once for all its
+    evaluators, so that a stop in a later evaluator keeps the records of the earlier ones.
     """
 
     def __init__(self, output_dir: str | os.PathLike, name: str, resume: bool = False, run_key=None):
         self.folder = Path(output_dir) / EVALUATION_PROGRESS_DIR / name
         self.resume = bool(resume)
-        self.key = json.dumps(run_key, sort_keys=True, default=str)
+        self.run_key = run_key
+        self.key = json.dumps({"run": run_key, "outputs": None}, sort_keys=True, default=str)
         self.random_states = RandomStates()
         self.counts = {"from records": 0, "computed": 0}
-        if not self.resume:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
-    def attach(self, engine) -> None:
-        # registered when the run starts, so it comes after every handler the config attached (the report's)
-        engine.add_event_handler(Events.STARTED, lambda e: e.add_event_handler(Events.COMPLETED, self._finish))
+    def attach(self, engine, output_names: Sequence[str]) -> None:
+        """Called by the evaluator: the names of what it records belong to the key; counts logged per run."""
+        self.key = json.dumps({"run": self.run_key, "outputs": sorted(output_names)}, sort_keys=True, default=str)
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _start(self, engine) -> None:
+        self.counts = {"from records": 0, "computed": 0}
 
     def _finish(self, engine) -> None:
+        counts = self.counts
         logging.getLogger(__name__).info(
-            "%s: %d batches from records, %d computed",
-            self.folder,
-            self.counts["from records"],
-            self.counts["computed"],
+            "%s: %d batches from records, %d computed", self.folder, counts["from records"], counts["computed"]
         )
-        shutil.rmtree(self.folder, ignore_errors=True)
 
-    def outputs(self, iteration: int, images: torch.Tensor, compute: Callable[[], dict], device) -> dict:
-        """``compute()`` (a dict of tensors) for this batch, or what the record of a stopped run holds."""
+    def outputs(self, iteration: int, inputs: Sequence[torch.Tensor], compute: Callable[[], dict], device) -> dict:
+        """``compute()`` (a dict of tensors) for this batch of ``inputs``, or what the record of a stopped run holds."""
         path = self.folder / f"batch_{iteration:06d}.pt"
-        digest = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        digest = hashlib.sha1()
+        for tensor in inputs:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest = digest.hexdigest()
         if self.resume and path.is_file():
             record = self._read(path)
             if record["key"] != self.key or record["images"] != digest:
-                what = "the models or the methods' settings" if record["key"] != self.key else "the batch's images"
+                what = (
+                    "the models, the methods or their settings" if record["key"] != self.key else "the batch's inputs"
+                )
                 raise InputError(
                     f"{path}: a record of another evaluation ({what} differ from this run's); expected the record of "
                     "this same evaluation: delete the folder, or run without resume"
@@ -195,7 +202,11 @@ class AttributionEvaluator(Evaluator):
         self.methods = dict(methods)
         self.progress = progress
         if progress is not None:
-            progress.attach(self)
+            progress.attach(self, self._output_names())
+
+    def _output_names(self) -> list[str]:
+        """The keys :meth:`_maps` returns (subclasses set what they need for it before calling ``__init__``)."""
+        return [f"map_{name}" for name in self.methods]
 
     def _iteration(self, engine, batchdata):
         images, target = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
@@ -204,8 +215,13 @@ class AttributionEvaluator(Evaluator):
         if self.progress is None:
             output.update(compute())
         else:
-            output.update(self.progress.outputs(engine.state.iteration, images, compute, engine.state.device))
+            inputs = self._inputs(engine, batchdata, images)
+            output.update(self.progress.outputs(engine.state.iteration, inputs, compute, engine.state.device))
         return output
+
+    def _inputs(self, engine, batchdata, images) -> list[torch.Tensor]:
+        """What the maps are computed from, for the records' digest."""
+        return [images]
 
     def _maps(self, engine, batchdata, images) -> dict:
         """Everything costly the iteration computes (what :class:`MapRecords` records): here the maps."""

@@ -240,6 +240,9 @@ class PairedAttributionEvaluator(AttributionEvaluator):
         val_handlers: Sequence | None = None,
         progress=None,
     ):
+        self.pair_methods = dict(pair_methods or {})  # before the base class's __init__: its records need the names
+        self.classifier = classifier
+        self.pair_key = pair_key
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
@@ -249,9 +252,13 @@ class PairedAttributionEvaluator(AttributionEvaluator):
             val_handlers=val_handlers,
             progress=progress,
         )
-        self.pair_methods = dict(pair_methods or {})
-        self.classifier = classifier
-        self.pair_key = pair_key
+
+    def _output_names(self) -> list[str]:
+        names = super()._output_names() + [f"pair_map_{name}" for name in self.pair_methods]
+        return names + (["class_pred", "class_label"] if self.classifier is not None else [])
+
+    def _inputs(self, engine, batchdata, images) -> list[torch.Tensor]:
+        return [images, self._pair(engine, batchdata)]
 
     def _pair(self, engine, batchdata) -> torch.Tensor:
         return convert_to_tensor(batchdata[self.pair_key], track_meta=False).to(engine.state.device)

@@ -19,21 +19,19 @@ name, so one override reaches all of them. The first failing stage stops the pip
 status; the time of each stage is printed and written to ``<bundle_root>/pipeline_times.json``.
 
 ``--continue`` picks up a pipeline that was stopped (a job's time limit, a machine given back) where it
-stopped. A pipeline records its progress in ``<bundle_root>/pipeline_progress.json``: the finished
-stages with their times, the running one with the start of its first piece and, every
-``PROGRESS_INTERVAL`` seconds, its time so far. Run again with ``--continue`` and the same arguments, it
-skips the finished stages and reruns the interrupted one with ``--resume True`` when that stage wrote a
-``checkpoint_epoch=N.pt`` under the bundle root since its first piece started (the training configs then
-continue from their newest checkpoint; see the README's "Resuming after a failure") or a sampling progress
-record (an evaluation then keeps what it had done: the TVD score's samples, the attribution maps of the batches it
-finished), from its start
-otherwise (also when an earlier run left a checkpoint of a higher epoch in the same folder, which a
-resume would load). A stage's time is the sum of its pieces: wall time spent, including the work after
-its last checkpoint that an interruption lost (and up to ``PROGRESS_INTERVAL`` seconds uncounted per
-hard kill). A stage killed by a signal counts as interrupted; one that exits with an error as failed,
-started again by ``--continue``. Ctrl-C or SIGTERM to the pipeline stops the running stage with it; to
-stop a pipeline with SIGKILL, kill its process group. Different arguments are refused rather than
-mixed into one record.
+stopped. A pipeline records its progress in ``<bundle_root>/pipeline_progress.json``: the finished stages with
+their times, the running one with the start of its first piece and, every ``PROGRESS_INTERVAL`` seconds, its
+time so far. Run again with ``--continue`` and the same arguments, it skips the finished stages and reruns the
+interrupted one with ``--resume True`` when that stage wrote a ``checkpoint_epoch=N.pt`` under the bundle root
+since its first piece started (the training configs then continue from their newest checkpoint; see the
+README's "Resuming after a failure") or an evaluation progress record (an evaluation then keeps what it had
+done: the TVD score's samples, the attribution maps of the batches it finished), from its start otherwise
+(also when an earlier run left a checkpoint of a higher epoch in the same folder, which a resume would load).
+A stage's time is the sum of its pieces: wall time spent, including the work after its last checkpoint that an
+interruption lost (and up to ``PROGRESS_INTERVAL`` seconds uncounted per hard kill). A stage killed by a
+signal counts as interrupted; one that exits with an error as failed, started again by ``--continue``. Ctrl-C
+or SIGTERM to the pipeline stops the running stage with it; to stop a pipeline with SIGKILL, kill its process
+group. Different arguments are refused rather than mixed into one record.
 """
 
 from __future__ import annotations

@@ -103,10 +103,12 @@ def test_a_stopped_evaluation_goes_on_from_its_records(trained, tmp_path):
     root, common, _, _ = trained
     out = tmp_path / "eval"
     (out / "metrics.json").mkdir(parents=True)
+    records = out / EVALUATION_PROGRESS_DIR / "test"
+    records.mkdir(parents=True)
+    (records / "batch_000099.pt").write_bytes(b"an older run's record")  # a run without resume starts without them
     overrides = [*common, ("ig_steps", 4), ("output_dir", str(out))]
     stopped = run_bundle(["train.json", "evaluate.json"], *overrides, expect_ok=False)
-    assert stopped.returncode != 0
-    records = out / EVALUATION_PROGRESS_DIR / "test"
+    assert stopped.returncode != 0 and not (records / "batch_000099.pt").exists()
     recorded = len(list(records.glob("batch_*.pt")))
     assert recorded > 0
     (out / "metrics.json").rmdir()

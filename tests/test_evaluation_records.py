@@ -14,7 +14,7 @@ from monai.handlers import from_engine
 
 from common.errors import InputError
 from common.evaluation import AttributionEvaluator, MapMethod, MapRecords
-from common.files import EVALUATION_PROGRESS_DIR
+from common.files import EVALUATION_PROGRESS_DIR, remove_evaluation_progress
 from common.handlers import NCC
 from common.icam_maps import PairedAttributionEvaluator
 
@@ -33,21 +33,27 @@ def batches() -> list[dict]:
     ]
 
 
-def methods(calls: list, stop_at: int | None = None) -> dict:
+def methods(calls: list, stop_at: int | None = None, extra: bool = False) -> dict:
     def noisy(x):
         calls.append(1)
         if stop_at is not None and len(calls) == stop_at:
             raise Stop
         return x + torch.rand_like(x)  # the global generator, as expected gradients' references
 
-    return {"identity": MapMethod(lambda x: x), "noisy": MapMethod(noisy)}
+    return {
+        "identity": MapMethod(lambda x: x),
+        "noisy": MapMethod(noisy),
+        **({"negated": MapMethod(torch.neg)} if extra else {}),
+    }
 
 
-def evaluate(tmp_path, calls, stop_at=None, resume=False, run_key=None, data=None):
+def evaluate(tmp_path, calls, stop_at=None, resume=False, run_key=None, data=None, extra=False):
     torch.manual_seed(123)
     metrics = {f"ncc_{m}": NCC(output_transform=from_engine([f"map_{m}", "target"])) for m in ("identity", "noisy")}
     records = MapRecords(tmp_path, "test", resume=resume, run_key=run_key or {"models": [["model.pt", "abc"]]})
-    evaluator = AttributionEvaluator("cpu", data or batches(), methods(calls, stop_at), metrics, progress=records)
+    evaluator = AttributionEvaluator(
+        "cpu", data or batches(), methods(calls, stop_at, extra), metrics, progress=records
+    )
     evaluator.run()
     return evaluator.state.metrics, records
 
@@ -64,7 +70,6 @@ def test_a_stopped_evaluation_goes_on_to_the_metrics_of_one_that_never_stopped(t
     assert len(calls) == BATCHES - 3  # the three recorded batches were not computed again
     assert records.counts == {"from records": 3, "computed": 2}
     assert resumed == whole  # the random method's draws too: the generators were restored
-    assert not folder.exists()  # removed once the evaluation completed
 
     with pytest.raises(Stop):
         evaluate(tmp_path / "run", [], stop_at=2)
@@ -77,11 +82,14 @@ def test_a_record_of_another_evaluation_is_refused(tmp_path):
     with pytest.raises(Stop):
         evaluate(tmp_path, [], stop_at=3)
     record = tmp_path / EVALUATION_PROGRESS_DIR / "test" / "batch_000001.pt"
-    with pytest.raises(InputError, match=f"{record}: a record of another evaluation \\(the models"):
+    refused = f"{record}: a record of another evaluation \\(the models, the methods or their settings differ"
+    with pytest.raises(InputError, match=refused):
         evaluate(tmp_path, [], resume=True, run_key={"models": [["model.pt", "retrained"]]})
+    with pytest.raises(InputError, match=refused):  # one method more: its map is not in the records
+        evaluate(tmp_path, [], resume=True, extra=True)
     other = batches()
     other[0]["image"] = other[0]["image"] + 1
-    with pytest.raises(InputError, match=f"{record}: a record of another evaluation \\(the batch's images"):
+    with pytest.raises(InputError, match=f"{record}: a record of another evaluation \\(the batch's inputs"):
         evaluate(tmp_path, [], resume=True, data=other)
     record.write_bytes(b"not a record")
     with pytest.raises(InputError, match=f"{record}: not an evaluation progress record"):
@@ -93,10 +101,11 @@ def test_the_paired_evaluator_records_its_pair_maps_and_classes(tmp_path):
     classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1))
     calls = []
 
-    def run(resume, stop_at=None):
+    def run(resume, stop_at=None, pairs=data):
+        torch.manual_seed(7)
         records = MapRecords(tmp_path, "test", resume=resume, run_key=None)
         evaluator = PairedAttributionEvaluator(
-            "cpu", data, methods(calls, stop_at), pair_methods={"negated": MapMethod(lambda x: -x)},
+            "cpu", pairs, methods(calls, stop_at), pair_methods={"negated": MapMethod(lambda x: -x)},
             classifier=classifier, target_key="effect", progress=records,
         )  # fmt: skip
         outputs = []
@@ -105,6 +114,7 @@ def test_the_paired_evaluator_records_its_pair_maps_and_classes(tmp_path):
         return outputs
 
     whole = run(resume=False)
+    remove_evaluation_progress(tmp_path)  # what a bundle's config does when it starts without resume
     with pytest.raises(Stop):
         run(resume=False, stop_at=len(calls) + 3)
     calls.clear()
@@ -113,5 +123,10 @@ def test_the_paired_evaluator_records_its_pair_maps_and_classes(tmp_path):
     keys = {"image", "target", "pair_image", "map_identity", "map_noisy", "pair_map_negated", "class_pred"}
     for a, b in zip(whole, resumed, strict=True):  # the first two batches from records, the others computed
         assert set(a) == set(b) == {*keys, "class_label"}
-        for key in ("map_identity", "pair_map_negated", "class_pred", "class_label", "pair_image", "target"):
+        for key in keys | {"class_label"}:  # map_noisy too: the generators were restored
             assert torch.equal(a[key], b[key])
+    with pytest.raises(Stop):
+        run(resume=False, stop_at=len(calls) + 2)
+    other = [{**b, "healthy": b["healthy"] + 1} for b in data]  # the same patients with other pairs
+    with pytest.raises(InputError, match="a record of another evaluation \\(the batch's inputs"):
+        run(resume=True, pairs=other)

@@ -130,9 +130,9 @@ def test_a_stage_resumes_only_from_a_checkpoint_of_its_own(tmp_path):
     assert not resume and "checkpoint_epoch=100.pt (an earlier run's) has a higher epoch" in why_not
 
 
-def test_an_evaluation_resumes_from_a_sampling_record_of_its_own(tmp_path):
-    """A sampling evaluation (TVD) has no epoch checkpoints: the sampling progress record it wrote since its first
-    piece started makes it resumable; an older one does not."""
+def test_an_evaluation_resumes_from_a_progress_record_of_its_own(tmp_path):
+    """An evaluation has no epoch checkpoints: a progress record it wrote since its first piece started (the TVD
+    sampling's, an attribution evaluator's batch) makes it resumable; an older one does not."""
     started = time.time() - 1.0
     records = tmp_path / "eval" / EVALUATION_PROGRESS_DIR
     records.mkdir(parents=True)
@@ -140,6 +140,10 @@ def test_an_evaluation_resumes_from_a_sampling_record_of_its_own(tmp_path):
     os.utime(records / "plain.pt", (started - 60, started - 60))
     assert not resumable(tmp_path, started)[0]
     (records / "conditional_size.pt").write_text("")
+    assert resumable(tmp_path, started) == (True, "")
+    (records / "conditional_size.pt").unlink()
+    (records / "test").mkdir()  # an attribution evaluation's records: one folder per evaluator
+    (records / "test" / "batch_000003.pt").write_text("")
     assert resumable(tmp_path, started) == (True, "")
 
 
