@@ -33,7 +33,7 @@ from common.attribution import attribute  # noqa: E402
 from common.data import load_datalist  # noqa: E402
 from common.engines.batches import PrepareKeys, RandomStates  # noqa: E402
 from common.errors import InputError  # noqa: E402
-from common.files import EVALUATION_PROGRESS_DIR, write_atomic, write_text_atomic  # noqa: E402
+from common.files import EVALUATION_PROGRESS_DIR, read_record, save_record, write_text_atomic  # noqa: E402
 from common.handlers import AUPRC, AUROC, AUROC10, Dice, OperatingThreshold  # noqa: E402
 from common.metrics import mean_sd  # noqa: E402
 
@@ -129,7 +129,8 @@ class MapRecords:
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         digest = digest.hexdigest()
         if self.resume and path.is_file():
-            record = self._read(path)
+            fields = ("key", "images", "outputs", "random_states")
+            record = read_record(path, fields, "an evaluation progress record", "common.evaluation.MapRecords")
             if record["key"] != self.key or record["images"] != digest:
                 what = (
                     "the models, the methods or their settings" if record["key"] != self.key else "the batch's inputs"
@@ -148,23 +149,9 @@ class MapRecords:
             "outputs": {name: value.detach().cpu() for name, value in outputs.items()},
             "random_states": self.random_states.state_dict(),
         }
-        write_atomic(path, lambda tmp: torch.save(record, tmp))
+        save_record(path, record)
         self.counts["computed"] += 1
         return outputs
-
-    @staticmethod
-    def _read(path: Path) -> dict:
-        try:
-            record = torch.load(path, map_location="cpu", weights_only=True)
-            for field in ("key", "images", "outputs", "random_states"):
-                if field not in record:
-                    raise KeyError(field)
-        except Exception as error:  # any unreadable or incomplete file gets the same message
-            raise InputError(
-                f"{path}: not an evaluation progress record ({type(error).__name__}: {error}); expected one written "
-                "by common.evaluation.MapRecords: delete it, or run without resume"
-            ) from error
-        return record
 
 
 class AttributionEvaluator(Evaluator):

@@ -49,6 +49,31 @@ def remove_evaluation_progress(output_dir: str | os.PathLike) -> None:
     shutil.rmtree(Path(output_dir) / EVALUATION_PROGRESS_DIR, ignore_errors=True)
 
 
+def save_record(path: str | os.PathLike, record: dict) -> Path:
+    """``torch.save`` of an evaluation's progress record, whole or not at all."""
+    import torch  # here, not at the top: common.pipeline imports this module without torch
+
+    return write_atomic(path, lambda tmp: torch.save(record, tmp))
+
+
+def read_record(path: str | os.PathLike, fields: Iterable[str], kind: str, writer: str) -> dict:
+    """A progress record written by :func:`save_record` that holds ``fields`` (loaded with ``weights_only``); one
+    InputError naming the file for anything else."""
+    import torch
+
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [field for field in fields if field not in record]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except Exception as error:  # any unreadable or incomplete file gets the same message
+        raise InputError(
+            f"{path}: not {kind} ({type(error).__name__}: {error}); expected one written by {writer}: delete it, "
+            "or run without resume"
+        ) from error
+    return record
+
+
 def file_fingerprint(paths: Iterable[str | os.PathLike]) -> list[list]:
     """[file name, SHA-256 of its contents] of each file ([name, None] if missing): changes when a file is rewritten
     with other contents, e.g. a model retrained, so that records made with the old one are not taken for the new

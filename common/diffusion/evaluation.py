@@ -44,7 +44,7 @@ from monai.utils import optional_import  # noqa: E402
 
 from common.diffusion.guided import reject_off_target  # noqa: E402
 from common.errors import InputError  # noqa: E402
-from common.files import write_atomic  # noqa: E402
+from common.files import read_record, save_record  # noqa: E402
 from common.metrics.tvd import (  # noqa: E402
     coverage,
     global_tvd_score,
@@ -369,7 +369,7 @@ def _write_progress(
         "partial": {name: tensors(arrays) for name, arrays in zip(("predictions", "features", "embeddings"), current)},
         "generator_state": generator.get_state(),
     }
-    write_atomic(path, lambda tmp: torch.save(record, tmp))
+    save_record(path, record)
 
 
 # What a mismatch of a key field means to the user.
@@ -381,19 +381,11 @@ def _read_progress(path, key: str) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-        recorded = json.loads(record["key"])
-        record["done"] = int(record["done"])
-        fields = ("drawn", "accepted", "rounds", "predictions", "features", "embeddings", "generator_state")
-        if any(name not in record for name in fields):
-            raise KeyError(", ".join(name for name in fields if name not in record))
-        record["partial"] = {name: list(record["partial"][name]) for name in ("predictions", "features", "embeddings")}
-    except Exception as error:  # any unreadable or incomplete file gets the same message
-        raise InputError(
-            f"{path}: not a sampling progress record ({type(error).__name__}: {error}); expected one written by "
-            "conditional_predictions: delete it, or run without resume"
-        ) from error
+    fields = ("key", "done", "drawn", "accepted", "rounds", "predictions", "features", "embeddings", "partial")
+    record = read_record(path, (*fields, "generator_state"), "a sampling progress record", "conditional_predictions")
+    recorded = json.loads(record["key"])
+    record["done"] = int(record["done"])
+    record["partial"] = {name: list(record["partial"][name]) for name in ("predictions", "features", "embeddings")}
     expected = json.loads(key)
     if recorded != expected:
         differ = [k for k in expected if recorded.get(k) != expected[k]]
