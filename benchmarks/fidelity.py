@@ -12,7 +12,8 @@ on the very same images. A finished run is reused (its evaluate outputs are read
 or its overrides changed, so the full benchmark can be built up over several sessions; a run that was stopped
 part way (a job's time limit) is continued where it stopped (``common.pipeline --continue``: finished stages
 skipped, the interrupted stage resumed from its newest checkpoint or evaluation record) unless ``--fresh``, and
-its time is the sum of its pieces. ``--merge`` carries the other runs' records over from an earlier results JSON
+its time is the sum of its pieces (each invocation's commit and thread setting are kept in the run's record and
+shown beside its wall time). ``--merge`` carries the other runs' records over from an earlier results JSON
 (the run folders may be gone by then: the full benchmark takes more hours than one machine keeps them), refusing
 any record whose pipeline or overrides differ from the run's current ones.
 
@@ -249,6 +250,45 @@ def stopped_here(run: Run, overrides: dict) -> bool:
         return False
 
 
+INVOCATIONS_FILE = "fidelity_invocations.json"
+
+
+def code_version() -> str:
+    """The repository's commit, with ``+changes`` when tracked files differ from it ('unknown' outside git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if changed else "")
+
+
+def note_invocation(path: Path, continued: bool) -> list[dict]:
+    """Adds this invocation (start time, code version, thread setting) to the run's list and returns the list.
+    A run made in pieces may span commits and machines; a result that differs from an earlier one of the same
+    settings can then be traced to what ran each piece. A fresh start begins a new list."""
+    earlier = []
+    if continued and path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            earlier = []  # unreadable: the pieces before are not known, this one still is
+    invocations = earlier + [
+        {
+            "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "code": code_version(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        }
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(invocations, indent=1) + "\n")
+    return invocations
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -285,6 +325,7 @@ def execute(run: Run, quick: bool, root: Path, fresh: bool) -> dict:
             return record
     stopped = not fresh and stopped_here(run, overrides)
     print(f"[fidelity] {run.name}: {'continuing' if stopped else 'running'} {run.pipeline} in {run_root}", flush=True)
+    invocations = note_invocation(run_root / INVOCATIONS_FILE, continued=stopped)
     seconds = run_pipeline(run, overrides, run_root / "pipeline.log", continue_stopped=stopped)
     times_file = Path(overrides["bundle_root"]) / "pipeline_times.json"
     stage_times = json.loads(times_file.read_text()) if times_file.is_file() else {}
@@ -301,6 +342,7 @@ def execute(run: Run, quick: bool, root: Path, fresh: bool) -> dict:
     }
     if pieces:
         record["stage_pieces"] = pieces
+    record["invocations"] = invocations
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"[fidelity] {run.name}: done in {seconds:.0f} s", flush=True)
     return {**record, "reports": collect(Path(overrides["bundle_root"]) / "eval")}
@@ -477,7 +519,15 @@ def all_metrics_table(records: dict) -> list[str]:
 
 
 def timing_table(records: dict) -> list[str]:
-    lines = ["### Wall time per run", "", "| run | seconds | stages (s) | finished |", "|---|---:|---|---|"]
+    lines = [
+        "### Wall time per run",
+        "",
+        "Code: the commit each invocation of the run ran (several when it was made in pieces; runs recorded before "
+        "fidelity.py kept it: not recorded).",
+        "",
+        "| run | seconds | stages (s) | finished | code |",
+        "|---|---:|---|---|---|",
+    ]
     for name, record in records.items():
         pieces = record.get("stage_pieces", {})
         stages = ", ".join(
@@ -485,7 +535,9 @@ def timing_table(records: dict) -> list[str]:
             for k, v in record.get("stage_seconds", {}).items()
             if k != "total"
         )
-        lines.append(f"| {name} | {record.get('seconds', 0):.0f} | {stages} | {record.get('finished', '')} |")
+        codes = ", ".join(dict.fromkeys(i["code"] for i in record.get("invocations", []))) or "not recorded"
+        seconds = record.get("seconds", 0)
+        lines.append(f"| {name} | {seconds:.0f} | {stages} | {record.get('finished', '')} | {codes} |")
     return lines
 
 

@@ -2,6 +2,7 @@
 carried over from an earlier results file, tables."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def test_a_finished_run_is_reused_until_its_overrides_change(tmp_path, monkeypat
         return 1.0
 
     monkeypatch.setattr(fidelity, "run_pipeline", fake_pipeline)
+    versions = iter(["aaa1111", "bbb2222", "ccc3333+changes"])
+    monkeypatch.setattr(fidelity, "code_version", lambda: next(versions))
     run = next(r for r in fidelity.RUNS if r.name == "vagan/boxes")
     first = fidelity.execute(run, True, tmp_path, fresh=False)
     again = fidelity.execute(run, True, tmp_path, fresh=False)
@@ -92,6 +95,8 @@ def test_a_stopped_run_is_continued_and_timed_by_its_pieces(tmp_path, monkeypatc
         return 400.0  # this call's share only
 
     monkeypatch.setattr(fidelity, "run_pipeline", fake_pipeline)
+    versions = iter(["aaa1111", "bbb2222", "ccc3333+changes"])
+    monkeypatch.setattr(fidelity, "code_version", lambda: next(versions))
     run = next(r for r in fidelity.RUNS if r.name == "vagan/boxes")
     overrides = fidelity.run_overrides(run, True, tmp_path)
     stages = [s["name"] for s in read_stages(REPO / "bundles" / run.bundle, run.pipeline)]
@@ -114,9 +119,18 @@ def test_a_stopped_run_is_continued_and_timed_by_its_pieces(tmp_path, monkeypatc
     assert continued == [False, False, True]
     assert record["seconds"] == 715.0 and record["stage_pieces"] == {"vagan": 2}
     assert "pieces" not in record["stage_seconds"]
+    # the fresh start began the list; the continuation added itself to it
+    assert [i["code"] for i in record["invocations"]] == ["bbb2222", "ccc3333+changes"]
     out = tmp_path / "fidelity.md"
     fidelity.write_results({run.name: record}, {}, out, "python benchmarks/fidelity.py", quick=True, wall=1.0)
     assert "| vagan/boxes | 715 | classifier 10, vagan 700 (in 2 pieces), evaluate 5 |" in out.read_text()
+    assert "| bbb2222, ccc3333+changes |" in out.read_text()
+
+
+def test_code_version_names_the_checked_out_commit():
+    version = fidelity.code_version()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert version.removesuffix("+changes") == head.stdout.strip()
 
 
 def test_the_tables_put_each_method_beside_the_paper(tmp_path):
