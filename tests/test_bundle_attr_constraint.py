@@ -247,6 +247,24 @@ def test_ms_preset_trains(tmp_path):
     assert "val_accuracy" in proc.stdout + proc.stderr
 
 
+def test_each_data_set_reports_the_papers_figures_for_its_own_pathology():
+    # Table IV: the report's paper column is BraTS 2 mm by default and the MS 1 mm rows with the MS preset
+    configs = REPO / "bundles" / "attr_constraint" / "configs"
+    tumour, ms = ConfigParser(), ConfigParser()
+    tumour.read_config([str(configs / "train.json"), str(configs / "evaluate.json")])
+    ms.read_config([str(configs / "train.json"), str(configs / "evaluate.json"), str(configs / "ms.json")])
+    assert tumour["paper"]["constrained"]["Dice"] == 0.51 and tumour["paper"]["NoConsG"]["Dice"] == 0.29
+    assert ms["paper"]["constrained"] == {
+        "Dice": 0.25,
+        "AUROC": 0.60,
+        "AUROC10": 0.51,
+        "AUPRC": 0.20,
+        "TPR": 0.89,
+        "TNR": 0.91,
+    }
+    assert ms["paper"]["NoConsG"]["Dice"] == 0.001 and ms["paper"]["NoConsGC"]["AUPRC"] == 0.002
+
+
 def test_expected_gradients_inference_without_references_says_what_to_do(tmp_path):
     proc = run_untrained_inference(tmp_path, ("inference_method", "EG"), ("segmentation_threshold", 0.0))
     assert proc.returncode != 0
