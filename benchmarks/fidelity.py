@@ -382,6 +382,14 @@ def _number(value, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def _paper_figure(value) -> str:
+    """A paper's figure with the digits the paper printed: two decimals, more where it gave more (MS NoConsG Dice
+    0.001 and NoConsGC 0.0003 would read 0.00 otherwise)."""
+    if isinstance(value, str):
+        return value
+    return f"{value:.2f}" if round(value, 2) == value else f"{value:g}"
+
+
 def _cell(entry: dict | None, column: str, cases: bool = False) -> str:
     """'mean +/- sd (paper p)' of one column of one method's metrics.json entry; with ``cases``, the number of test
     cases after the sd, for tables whose columns come from evaluations of different sizes."""
@@ -394,7 +402,7 @@ def _cell(entry: dict | None, column: str, cases: bool = False) -> str:
         text += f", {entry['n']} cases"
     paper = entry.get(f"{column}_paper")
     if paper is not None:
-        text += f" (paper {paper if isinstance(paper, str) else _number(paper, 2)})"
+        text += f" (paper {_paper_figure(paper)})"
     return text
 
 
@@ -512,7 +520,7 @@ def all_metrics_table(records: dict) -> list[str]:
                     if entry.get(f"{column}_sd") is not None:
                         ours += f" +/- {_number(entry[f'{column}_sd'])}"
                     paper = entry.get(f"{column}_paper")
-                    paper = "" if paper is None else (paper if isinstance(paper, str) else _number(paper, 3))
+                    paper = "" if paper is None else _paper_figure(paper)
                     n = "" if entry.get("n") is None else str(entry["n"])
                     lines.append(f"| {name} | {prefix} | {method} | {column} | {ours} | {paper} | {n} |")
     return lines

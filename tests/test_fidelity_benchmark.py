@@ -138,7 +138,11 @@ def test_the_tables_put_each_method_beside_the_paper(tmp_path):
     records = {
         "vagan/boxes": {"reports": {"attribution": {"vagan": ncc, "gradient": {"ncc": 0.1, "ncc_sd": 0.02}}}},
         "icam/brain_atrophy": {"reports": {"attribution": {"icam": {"ncc_minus": 0.3, "ncc_minus_sd": 0.1}}}},
-        "attr_constraint/brain_ms": {"reports": {"attribution": {"NoConsG": {"dice": 0.25, "auprc": 0.11}}}},
+        "attr_constraint/brain_ms": {
+            "reports": {
+                "attribution": {"NoConsG": {"dice": 0.25, "dice_paper": 0.001, "auprc": 0.11, "auprc_paper": 0.2}}
+            }
+        },
         "tvd_score/ellipses": {
             "reports": {
                 "tvd": {
@@ -154,7 +158,7 @@ def test_the_tables_put_each_method_beside_the_paper(tmp_path):
     assert "| vagan | 0.812 +/- 0.050, 40 cases (paper 0.94) |  |" in text
     assert "| gradient (vagan classifier) | 0.100 +/- 0.020 |  |" in text
     assert "| icam |  | 0.300 +/- 0.100 |" in text
-    assert "| NoConsG |  |  | 0.250 | 0.110 |" in text
+    assert "| NoConsG |  |  | 0.250 (paper 0.001) | 0.110 (paper 0.20) |" in text
     assert "| ellipses | size | label-independent | 0.040 (0.020) | 0.010 | 0.049 |" in text
     assert json.loads(out.with_suffix(".json").read_text())["records"].keys() == records.keys()
 
