@@ -2,6 +2,7 @@
 unconstrained), evaluate (thresholds, every method and metric), inference in the input's space."""
 
 import json
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,9 @@ from monai.bundle import ConfigParser
 from common.networks import PatchGANClassifier
 from tests import bundle_runner
 from tests.bundle_runner import LPS, REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from lesion_reliance import main as lesion_reliance_main  # noqa: E402
 
 # Tiny 2D tumour slices: 32x40 pixels, 40 cases, so a training epoch takes seconds.
 TINY = {"spatial_dims": 2, "shape": [32, 40], "n": 40}
@@ -245,6 +249,18 @@ def test_ms_preset_trains(tmp_path):
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["generator"] == "brain_ms"
     assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
     assert "val_accuracy" in proc.stdout + proc.stderr
+    # the lesion-reliance check through the same configs: every test case classified, patients twice
+    model = tmp_path / "bundle" / "models" / "model.pt"
+    out = tmp_path / "reliance.md"
+    argv = ["--bundle_root", str(tmp_path / "bundle"), "--preset", "ms.json", "--dataset_dir", str(tmp_path / "data")]
+    argv += ["--models", f"constrained={model}", "--out", str(out)]
+    assert lesion_reliance_main(argv) == 0
+    test_split = json.loads((tmp_path / "data" / "datalist.json").read_text())["test"]
+    patients = sum(item["label"] == 1 for item in test_split)
+    result = json.loads(out.with_suffix(".json").read_text())["constrained"]
+    assert result["with_lesions"]["n"] == result["without_lesions"]["n"] == patients > 0
+    assert result["controls"]["n"] == len(test_split) - patients > 0
+    assert f"| {patients} / {len(test_split) - patients} |" in out.read_text()
 
 
 def test_each_data_set_reports_the_papers_figures_for_its_own_pathology():

@@ -1,0 +1,150 @@
+"""Does an attribution_constraint classifier decide by the lesions? Its decision on each test patient and on the
+same patient without the lesions (the phantom's ``healthy`` counterpart: the same anatomy, scanner state and site,
+so only the lesions differ), beside its decision on the controls.
+
+    python benchmarks/lesion_reliance.py --bundle_root R --preset ms.json --out benchmarks/results/lesion_reliance_ms.md
+
+``R`` is the ``bundle_root`` of a ``python -m common.pipeline bundles/attr_constraint`` run: the constrained model
+in ``models/model.pt`` and the unconstrained comparator in ``models/unconstrained/model.pt`` (``--models
+name=path ...`` for others). The data set is the configs' (``--dataset_dir`` to point elsewhere). A classifier
+that still calls a patient pathological once the lesions are gone decides by something else (with
+``acquisition_sites``, the patients' scanner), and no attribution map of it can show the lesions as the reason.
+Only the project's phantoms have the counterparts; a datalist without ``healthy`` entries is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common.errors import InputError  # noqa: E402
+
+CONFIGS = REPO / "bundles" / "attr_constraint" / "configs"
+
+
+def lesion_reliance(network, transforms, items: list[dict]) -> dict:
+    """Counts and mean logits of ``network`` on the patients (with and without their lesions) and the controls of
+    ``items`` (datalist entries with absolute paths; patients need ``healthy``)."""
+    import torch
+
+    logits = {"with_lesions": [], "without_lesions": [], "controls": []}
+
+    def logit(path: str, label: int) -> float:
+        image = transforms({"image": path, "label": label})["image"][None]
+        return float(network(image).flatten()[0])
+
+    network.eval()
+    with torch.no_grad():
+        for item in items:
+            if int(item["label"]) == 1:
+                if not item.get("healthy"):
+                    raise InputError(
+                        f"{item['image']}: no 'healthy' counterpart in the datalist; expected the phantom's lesion-free"
+                        " image of each patient (the project's generators write it)"
+                    )
+                logits["with_lesions"].append(logit(item["image"], 1))
+                logits["without_lesions"].append(logit(item["healthy"], 1))
+            else:
+                logits["controls"].append(logit(item["image"], 0))
+    summary = {}
+    for group, values in logits.items():
+        summary[group] = {
+            "n": len(values),
+            "called_pathological": sum(v > 0 for v in values) / len(values) if values else None,
+            "mean_logit": sum(values) / len(values) if values else None,
+        }
+    return summary
+
+
+def load_items(parser, split: str) -> tuple[list[dict], Path]:
+    datalist_file = Path(parser.get_parsed_content("datalist_file"))
+    entries = json.loads(datalist_file.read_text())[split]
+    root = datalist_file.parent
+    keys = ("image", "healthy")
+    return [{**e, **{k: str(root / e[k]) for k in keys if e.get(k)}} for e in entries], datalist_file
+
+
+def table(results: dict) -> list[str]:
+    lines = [
+        "| model | patients called pathological: with lesions | without lesions | mean logit with / without "
+        "| controls called pathological | patients / controls |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        w, wo, c = r["with_lesions"], r["without_lesions"], r["controls"]
+        lines.append(
+            f"| {name} | {w['called_pathological']:.3f} | {wo['called_pathological']:.3f} | "
+            f"{w['mean_logit']:.2f} / {wo['mean_logit']:.2f} | {c['called_pathological']:.3f} | {w['n']} / {c['n']} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args.add_argument("--bundle_root", required=True, type=Path)
+    args.add_argument("--preset", default=None, help="a preset merged on train.json, e.g. ms.json")
+    args.add_argument("--dataset_dir", default=None)
+    args.add_argument("--split", default="test")
+    args.add_argument("--models", nargs="*", default=None, help="name=path; default: the pipeline's two models")
+    args.add_argument("--out", type=Path, default=None, help="markdown report (and .json beside it)")
+    args = args.parse_args(argv)
+
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json")] + ([str(CONFIGS / args.preset)] if args.preset else []))
+    parser["bundle_root"] = str(args.bundle_root)
+    if args.dataset_dir:
+        parser["dataset_dir"] = args.dataset_dir
+    parser["mask_keys"] = []  # the decision only: masks are not read
+    transforms = parser.get_parsed_content("preprocessing")
+    items, datalist_file = load_items(parser, args.split)
+    models = (
+        dict(m.split("=", 1) for m in args.models)
+        if args.models
+        else {
+            "constrained": str(args.bundle_root / "models" / "model.pt"),
+            "unconstrained": str(args.bundle_root / "models" / "unconstrained" / "model.pt"),
+        }
+    )
+    results = {}
+    for name, path in models.items():
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such model file for '{name}'; expected a trained models/model.pt")
+        network = parser.get_parsed_content("network_def", instantiate=True)
+        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        results[name] = lesion_reliance(network, transforms, items)
+    lines = table(results)
+    print("\n".join(lines))
+    if args.out:
+        command = "python benchmarks/lesion_reliance.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        header = [
+            "# Does the classifier decide by the lesions?",
+            "",
+            f"Command: `{command}`  ",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}  ",
+            f"Data: {datalist_file} ({args.split} split); models: "
+            + ", ".join(f"{n} `{p}`" for n, p in models.items()),
+            "",
+            "Without lesions: each patient's lesion-free counterpart (same anatomy, scanner state and site). A "
+            "classifier that decides by the lesions calls those healthy.",
+            "",
+        ]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(header + lines) + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
