@@ -253,30 +253,37 @@ def stopped_here(run: Run, overrides: dict) -> bool:
 INVOCATIONS_FILE = "fidelity_invocations.json"
 
 
-def code_version() -> str:
-    """The repository's commit, with ``+changes`` when tracked files differ from it ('unknown' outside git)."""
+def code_version(repo: Path = REPO) -> str:
+    """The commit checked out in ``repo``, with ``+changes-<hash>`` when tracked files outside
+    ``benchmarks/results`` (which this script writes) differ from it, the hash that of the difference; 'unknown'
+    outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        difference = git("diff", "HEAD", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return commit + ("+changes" if changed else "")
+    if not difference:
+        return commit
+    return f"{commit}+changes-{hashlib.sha256(difference.encode()).hexdigest()[:8]}"
 
 
 def note_invocation(path: Path, continued: bool) -> list[dict]:
     """Adds this invocation (start time, code version, thread setting) to the run's list and returns the list.
     A run made in pieces may span commits and machines; a result that differs from an earlier one of the same
-    settings can then be traced to what ran each piece. A fresh start begins a new list."""
+    settings can then be traced to what ran each piece. A fresh start begins a new list; a continued run whose
+    list is missing or unreadable (pieces run before fidelity.py kept it) begins with a 'not recorded' entry."""
     earlier = []
-    if continued and path.is_file():
+    if continued:
         try:
             earlier = json.loads(path.read_text())
-        except ValueError:
-            earlier = []  # unreadable: the pieces before are not known, this one still is
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, list):
+            earlier = [{"started": "not recorded", "code": "not recorded", "omp_num_threads": "not recorded"}]
     invocations = earlier + [
         {
             "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -383,8 +390,9 @@ def _number(value, digits: int = 3) -> str:
 
 
 def _paper_figure(value) -> str:
-    """A paper's figure with the digits the paper printed: two decimals, more where it gave more (MS NoConsG Dice
-    0.001 and NoConsGC 0.0003 would read 0.00 otherwise)."""
+    """A paper's figure as stored in the configs: two decimals, or all the digits it has where two would lose some
+    (MS NoConsG Dice 0.001 and NoConsGC 0.0003 would read 0.00). A trailing zero the paper printed (0.280) is not
+    kept: the configs store numbers."""
     if isinstance(value, str):
         return value
     return f"{value:.2f}" if round(value, 2) == value else f"{value:g}"
@@ -530,8 +538,8 @@ def timing_table(records: dict) -> list[str]:
     lines = [
         "### Wall time per run",
         "",
-        "Code: the commit each invocation of the run ran (several when it was made in pieces; runs recorded before "
-        "fidelity.py kept it: not recorded).",
+        "Code: the commit each invocation of the run ran (several when it was made in pieces; `+changes-<hash>`: "
+        "with uncommitted changes; not recorded: before fidelity.py kept it).",
         "",
         "| run | seconds | stages (s) | finished | code |",
         "|---|---:|---|---|---|",

@@ -2,11 +2,15 @@
 same patient without the lesions (the phantom's ``healthy`` counterpart: the same anatomy, scanner state and site,
 so only the lesions differ), beside its decision on the controls.
 
-    python benchmarks/lesion_reliance.py --bundle_root R --preset ms.json --out benchmarks/results/lesion_reliance_ms.md
+    python benchmarks/lesion_reliance.py --bundle_root R --preset ms.json --dataset_dir D \
+        --out benchmarks/results/lesion_reliance_ms.md
 
 ``R`` is the ``bundle_root`` of a ``python -m common.pipeline bundles/attr_constraint`` run: the constrained model
 in ``models/model.pt`` and the unconstrained comparator in ``models/unconstrained/model.pt`` (``--models
-name=path ...`` for others). The data set is the configs' (``--dataset_dir`` to point elsewhere). A classifier
+name=path ...`` for others). ``D`` is the folder of the data set the run trained on (default: the configs'
+``dataset_dir``); its ``datalist.json`` is read as it is, never generated again. The images are pre-processed as
+the configs do, with any id the run overrode given again by ``--set id=JSON`` (e.g. ``--set
+'spatial_size=[64, 80]'``). A classifier
 that still calls a patient pathological once the lesions are gone decides by something else (with
 ``acquisition_sites``, the patients' scanner), and no attribution map of it can show the lesions as the reason.
 Only the project's phantoms have the counterparts; a datalist without ``healthy`` entries is refused.
@@ -32,15 +36,15 @@ CONFIGS = REPO / "bundles" / "attr_constraint" / "configs"
 
 def lesion_reliance(network, transforms, items: list[dict]) -> dict:
     """Counts and mean logits of ``network`` on the patients (with and without their lesions) and the controls of
-    ``items`` (datalist entries with absolute paths; patients need ``healthy``)."""
+    ``items`` (datalist entries with absolute paths; patients need ``healthy``). A logit >= 0 is a pathological
+    call, as the evaluation's threshold of 0.5 on the probability."""
     import torch
-
-    logits = {"with_lesions": [], "without_lesions": [], "controls": []}
 
     def logit(path: str, label: int) -> float:
         image = transforms({"image": path, "label": label})["image"][None]
         return float(network(image).flatten()[0])
 
+    logits = {"with_lesions": [], "without_lesions": [], "controls": []}
     network.eval()
     with torch.no_grad():
         for item in items:
@@ -58,18 +62,14 @@ def lesion_reliance(network, transforms, items: list[dict]) -> dict:
     for group, values in logits.items():
         summary[group] = {
             "n": len(values),
-            "called_pathological": sum(v > 0 for v in values) / len(values) if values else None,
+            "called_pathological": sum(v >= 0 for v in values) / len(values) if values else None,
             "mean_logit": sum(values) / len(values) if values else None,
         }
     return summary
 
 
-def load_items(parser, split: str) -> tuple[list[dict], Path]:
-    datalist_file = Path(parser.get_parsed_content("datalist_file"))
-    entries = json.loads(datalist_file.read_text())[split]
-    root = datalist_file.parent
-    keys = ("image", "healthy")
-    return [{**e, **{k: str(root / e[k]) for k in keys if e.get(k)}} for e in entries], datalist_file
+def _figure(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def table(results: dict) -> list[str]:
@@ -81,18 +81,27 @@ def table(results: dict) -> list[str]:
     for name, r in results.items():
         w, wo, c = r["with_lesions"], r["without_lesions"], r["controls"]
         lines.append(
-            f"| {name} | {w['called_pathological']:.3f} | {wo['called_pathological']:.3f} | "
-            f"{w['mean_logit']:.2f} / {wo['mean_logit']:.2f} | {c['called_pathological']:.3f} | {w['n']} / {c['n']} |"
+            f"| {name} | {_figure(w['called_pathological'], 3)} | {_figure(wo['called_pathological'], 3)} | "
+            f"{_figure(w['mean_logit'], 2)} / {_figure(wo['mean_logit'], 2)} | "
+            f"{_figure(c['called_pathological'], 3)} | {w['n']} / {c['n']} |"
         )
     return lines
+
+
+def _pair(text: str, option: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise InputError(f"{option} {text!r}: expected NAME=VALUE")
+    name, value = text.split("=", 1)
+    return name, value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args.add_argument("--bundle_root", required=True, type=Path)
     args.add_argument("--preset", default=None, help="a preset merged on train.json, e.g. ms.json")
-    args.add_argument("--dataset_dir", default=None)
+    args.add_argument("--dataset_dir", default=None, help="the data set folder (default: the configs')")
     args.add_argument("--split", default="test")
+    args.add_argument("--set", nargs="*", default=[], help="id=JSON: an id the run overrode, e.g. spatial_size=[64,80]")
     args.add_argument("--models", nargs="*", default=None, help="name=path; default: the pipeline's two models")
     args.add_argument("--out", type=Path, default=None, help="markdown report (and .json beside it)")
     args = args.parse_args(argv)
@@ -100,16 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from monai.bundle import ConfigParser
 
+    from common.data import load_datalist
+
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json")] + ([str(CONFIGS / args.preset)] if args.preset else []))
     parser["bundle_root"] = str(args.bundle_root)
-    if args.dataset_dir:
-        parser["dataset_dir"] = args.dataset_dir
+    for name, value in (_pair(text, "--set") for text in args.set):
+        try:
+            parser[name] = json.loads(value)
+        except ValueError as error:
+            raise InputError(f"--set {name}={value}: the value is not JSON ({error})") from error
     parser["mask_keys"] = []  # the decision only: masks are not read
+    dataset_dir = Path(args.dataset_dir or parser.get_parsed_content("dataset_dir"))
+    datalist_file = dataset_dir / "datalist.json"
+    items = load_datalist(datalist_file, args.split, required_keys=("image", "label"))
     transforms = parser.get_parsed_content("preprocessing")
-    items, datalist_file = load_items(parser, args.split)
     models = (
-        dict(m.split("=", 1) for m in args.models)
+        dict(_pair(text, "--models") for text in args.models)
         if args.models
         else {
             "constrained": str(args.bundle_root / "models" / "model.pt"),
@@ -131,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             "# Does the classifier decide by the lesions?",
             "",
             f"Command: `{command}`  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} threads "
+            f"{torch.get_num_threads()}; "
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}  ",
             f"Data: {datalist_file} ({args.split} split); models: "
             + ", ".join(f"{n} `{p}`" for n, p in models.items()),

@@ -253,7 +253,8 @@ def test_ms_preset_trains(tmp_path):
     model = tmp_path / "bundle" / "models" / "model.pt"
     out = tmp_path / "reliance.md"
     argv = ["--bundle_root", str(tmp_path / "bundle"), "--preset", "ms.json", "--dataset_dir", str(tmp_path / "data")]
-    argv += ["--models", f"constrained={model}", "--out", str(out)]
+    argv += ["--set", "spatial_size=[32, 40]", "--models", f"constrained={model}", "--out", str(out)]
+    manifest = (tmp_path / "data" / "manifest.json").read_text()
     assert lesion_reliance_main(argv) == 0
     test_split = json.loads((tmp_path / "data" / "datalist.json").read_text())["test"]
     patients = sum(item["label"] == 1 for item in test_split)
@@ -261,6 +262,7 @@ def test_ms_preset_trains(tmp_path):
     assert result["with_lesions"]["n"] == result["without_lesions"]["n"] == patients > 0
     assert result["controls"]["n"] == len(test_split) - patients > 0
     assert f"| {patients} / {len(test_split) - patients} |" in out.read_text()
+    assert (tmp_path / "data" / "manifest.json").read_text() == manifest  # read as it was, not generated again
 
 
 def test_each_data_set_reports_the_papers_figures_for_its_own_pathology():

@@ -74,10 +74,14 @@ def test_a_finished_run_is_reused_until_its_overrides_change(tmp_path, monkeypat
     first = fidelity.execute(run, True, tmp_path, fresh=False)
     again = fidelity.execute(run, True, tmp_path, fresh=False)
     assert len(calls) == 1 and again["reports"] == first["reports"]
+    assert [i["code"] for i in again["invocations"]] == ["aaa1111"]  # a reused run keeps the code that made it
     changed = fidelity.Run(run.bundle, run.dataset, quick={**run.quick, "max_epochs": 9})
-    assert fidelity.execute(changed, True, tmp_path, fresh=False)["reports"]["attribution"]["vagan"]["ncc"] == 2.5
-    fidelity.execute(changed, True, tmp_path, fresh=True)
+    rerun = fidelity.execute(changed, True, tmp_path, fresh=False)
+    assert rerun["reports"]["attribution"]["vagan"]["ncc"] == 2.5
+    assert [i["code"] for i in rerun["invocations"]] == ["bbb2222"]
+    fresh = fidelity.execute(changed, True, tmp_path, fresh=True)
     assert len(calls) == 3
+    assert [i["code"] for i in fresh["invocations"]] == ["ccc3333+changes"]  # a fresh start begins a new list
 
 
 def test_a_stopped_run_is_continued_and_timed_by_its_pieces(tmp_path, monkeypatch):
@@ -127,10 +131,35 @@ def test_a_stopped_run_is_continued_and_timed_by_its_pieces(tmp_path, monkeypatc
     assert "| bbb2222, ccc3333+changes |" in out.read_text()
 
 
-def test_code_version_names_the_checked_out_commit():
-    version = fidelity.code_version()
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    assert version.removesuffix("+changes") == head.stdout.strip()
+def test_code_version_names_the_commit_and_any_change_to_it(tmp_path):
+    assert fidelity.code_version(tmp_path) == "unknown"  # not a git checkout
+
+    def git(*args):
+        command = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "table.md").write_text("old\n")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    commit = git("rev-parse", "--short", "HEAD")
+    assert fidelity.code_version(tmp_path) == commit
+    (tmp_path / "benchmarks" / "results" / "table.md").write_text("written by fidelity.py\n")
+    assert fidelity.code_version(tmp_path) == commit  # its own results are not a change of code
+    (tmp_path / "code.py").write_text("a = 2\n")
+    changed = fidelity.code_version(tmp_path)
+    (tmp_path / "code.py").write_text("a = 3\n")
+    other = fidelity.code_version(tmp_path)
+    assert changed.startswith(f"{commit}+changes-") and other.startswith(f"{commit}+changes-") and changed != other
+
+
+def test_a_run_continued_from_unrecorded_pieces_says_so(tmp_path):
+    invocations = fidelity.note_invocation(tmp_path / "invocations.json", continued=True)
+    assert [i["code"] for i in invocations][0] == "not recorded" and len(invocations) == 2
+    fresh = fidelity.note_invocation(tmp_path / "invocations.json", continued=False)
+    assert len(fresh) == 1 and fresh[0]["code"] != "not recorded"
 
 
 def test_the_tables_put_each_method_beside_the_paper(tmp_path):

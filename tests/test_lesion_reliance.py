@@ -9,7 +9,7 @@ from common.errors import InputError
 from tests.bundle_runner import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from lesion_reliance import lesion_reliance  # noqa: E402
+from lesion_reliance import lesion_reliance, table  # noqa: E402
 
 # each "image" is a constant whose value the network returns as its logit
 VALUES = {"p1": 2.0, "p1_healthy": -1.0, "p2": 3.0, "p2_healthy": 0.5, "c1": -2.0, "c2": 1.0}
@@ -42,3 +42,9 @@ def test_a_patient_without_a_counterpart_is_refused_by_name():
     items = [{"image": "p1", "label": 1}]
     with pytest.raises(InputError, match="p1: no 'healthy' counterpart in the datalist"):
         lesion_reliance(MeanLogit(), constant_image, items)
+
+
+def test_a_split_without_controls_is_reported_as_such():
+    result = lesion_reliance(MeanLogit(), constant_image, [{"image": "p1", "healthy": "p1_healthy", "label": 1}])
+    assert result["controls"] == {"n": 0, "called_pathological": None, "mean_logit": None}
+    assert table({"m": result})[-1] == "| m | 1.000 | 0.000 | 2.00 / -1.00 | n/a | 1 / 0 |"
