@@ -289,6 +289,7 @@ def note_invocation(path: Path, continued: bool) -> list[dict]:
             "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "code": code_version(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "cpu": cpu_description(),
         }
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -609,11 +610,29 @@ def plot_results(records: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_description() -> str:
+    """The processor and the vector kernels torch picks on it, e.g. 'AMD EPYC (family 25 model 17), AVX512 kernels':
+    two machines with different kernels round differently, so the same seed trains to slightly different weights."""
+    import torch
+
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
+    return f"{name}{family}, {torch.backends.cpu.get_cpu_capability()} kernels"
+
+
 def machine() -> str:
     import torch
 
     return (
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} threads {torch.get_num_threads()}"
+        f"{platform.machine()}, {os.cpu_count()} CPU cores ({cpu_description()}), torch {torch.__version__} threads "
+        f"{torch.get_num_threads()}"
     )
 
 
