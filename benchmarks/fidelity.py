@@ -610,21 +610,24 @@ def plot_results(records: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def cpu_description() -> str:
-    """The processor and the vector kernels torch picks on it, e.g. 'AMD EPYC (family 25 model 17), AVX512 kernels':
-    two machines with different kernels round differently, so the same seed trains to slightly different weights."""
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor and the vector kernels torch's own operators dispatch to, e.g. 'AMD EPYC (family 25 model 17),
+    AVX512 kernels'. Machines may round differently (other kernels, other oneDNN / BLAS code paths), so the same seed
+    can train to other weights; recorded so that runs that differ can be traced to what ran them."""
     import torch
 
     fields = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    family = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
-    return f"{name}{family}, {torch.backends.cpu.get_cpu_capability()} kernels"
+    name = fields.get("model name") or platform.processor()
+    if "cpu family" in fields:
+        name = f"{name or 'unknown processor'} (family {fields['cpu family']} model {fields.get('model', '?')})"
+    kernels = f"{torch.backends.cpu.get_cpu_capability()} kernels"
+    return f"{name}, {kernels}" if name else kernels
 
 
 def machine() -> str:

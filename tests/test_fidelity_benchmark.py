@@ -225,3 +225,13 @@ def test_merge_carries_earlier_records_over_and_refuses_stale_ones(tmp_path, mon
         fidelity.main(argv)
     error = capsys.readouterr().err
     assert "the record of vagan/boxes" in error and "['max_epochs']" in error
+
+
+def test_the_processor_is_described_from_whatever_cpuinfo_gives(tmp_path):
+    full = tmp_path / "full"
+    full.write_text("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nprocessor\t: 1\n")
+    assert fidelity.cpu_description(full).startswith("AMD EPYC (family 25 model 17), ")
+    partial = tmp_path / "partial"
+    partial.write_text("cpu family\t: 25\n")
+    assert "(family 25 model ?)" in fidelity.cpu_description(partial)
+    assert fidelity.cpu_description(tmp_path / "missing").endswith(" kernels")
