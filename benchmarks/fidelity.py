@@ -539,11 +539,11 @@ def timing_table(records: dict) -> list[str]:
     lines = [
         "### Wall time per run",
         "",
-        "Code: the commit each invocation of the run ran (several when it was made in pieces; `+changes-<hash>`: "
-        "with uncommitted changes; not recorded: before fidelity.py kept it).",
+        "Code and processor: what each invocation of the run ran on (several when it was made in pieces; "
+        "`+changes-<hash>`: with uncommitted changes; not recorded: before fidelity.py kept it).",
         "",
-        "| run | seconds | stages (s) | finished | code |",
-        "|---|---:|---|---|---|",
+        "| run | seconds | stages (s) | finished | code | processor |",
+        "|---|---:|---|---|---|---|",
     ]
     for name, record in records.items():
         pieces = record.get("stage_pieces", {})
@@ -552,9 +552,11 @@ def timing_table(records: dict) -> list[str]:
             for k, v in record.get("stage_seconds", {}).items()
             if k != "total"
         )
-        codes = ", ".join(dict.fromkeys(i["code"] for i in record.get("invocations", []))) or "not recorded"
+        invocations = record.get("invocations", [])
+        codes = ", ".join(dict.fromkeys(i["code"] for i in invocations)) or "not recorded"
+        cpus = "; ".join(dict.fromkeys(i.get("cpu", "not recorded") for i in invocations)) or "not recorded"
         seconds = record.get("seconds", 0)
-        lines.append(f"| {name} | {seconds:.0f} | {stages} | {record.get('finished', '')} | {codes} |")
+        lines.append(f"| {name} | {seconds:.0f} | {stages} | {record.get('finished', '')} | {codes} | {cpus} |")
     return lines
 
 

@@ -128,7 +128,9 @@ def test_a_stopped_run_is_continued_and_timed_by_its_pieces(tmp_path, monkeypatc
     out = tmp_path / "fidelity.md"
     fidelity.write_results({run.name: record}, {}, out, "python benchmarks/fidelity.py", quick=True, wall=1.0)
     assert "| vagan/boxes | 715 | classifier 10, vagan 700 (in 2 pieces), evaluate 5 |" in out.read_text()
-    assert "| bbb2222, ccc3333+changes |" in out.read_text()
+    assert "| bbb2222, ccc3333+changes | " in out.read_text()
+    timing = next(line for line in out.read_text().splitlines() if "| bbb2222, ccc3333+changes |" in line)
+    assert timing.endswith(" kernels |")  # the processor the pieces ran on
 
 
 def test_code_version_names_the_commit_and_any_change_to_it(tmp_path):
