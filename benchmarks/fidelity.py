@@ -12,8 +12,8 @@ on the very same images. A finished run is reused (its evaluate outputs are read
 or its overrides changed, so the full benchmark can be built up over several sessions; a run that was stopped
 part way (a job's time limit) is continued where it stopped (``common.pipeline --continue``: finished stages
 skipped, the interrupted stage resumed from its newest checkpoint or evaluation record) unless ``--fresh``, and
-its time is the sum of its pieces (each invocation's commit and thread setting are kept in the run's record and
-shown beside its wall time). ``--merge`` carries the other runs' records over from an earlier results JSON
+its time is the sum of its pieces (each invocation's commit, thread setting and processor are kept in the run's
+record and shown beside its wall time). ``--merge`` carries the other runs' records over from an earlier results JSON
 (the run folders may be gone by then: the full benchmark takes more hours than one machine keeps them), refusing
 any record whose pipeline or overrides differ from the run's current ones.
 
@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.errors import InputError  # noqa: E402
+from common.files import write_text_atomic  # noqa: E402
 from common.pipeline import PROGRESS_FILE, cli_value, read_progress, read_stages  # noqa: E402
 
 # The TVD paper's global scores (no evaluate config holds them: the score is the bundle's output, not a target).
@@ -292,8 +293,7 @@ def note_invocation(path: Path, continued: bool) -> list[dict]:
             "cpu": cpu_description(),
         }
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(invocations, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(invocations, indent=1) + "\n")
     return invocations
 
 

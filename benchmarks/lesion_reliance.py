@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fidelity import machine  # noqa: E402  (this script's folder is on the path when it runs)
+
 from common.errors import InputError  # noqa: E402
+from common.files import write_text_atomic  # noqa: E402
 
 CONFIGS = REPO / "bundles" / "attr_constraint" / "configs"
 
@@ -147,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "# Does the classifier decide by the lesions?",
             "",
             f"Command: `{command}`  ",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} threads "
-            f"{torch.get_num_threads()}; "
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}  ",
+            f"Machine: {machine()}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}  ",
             f"Data: {datalist_file} ({args.split} split); models: "
             + ", ".join(f"{n} `{p}`" for n, p in models.items()),
             "",
@@ -157,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "classifier that decides by the lesions calls those healthy.",
             "",
         ]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(header + lines) + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        write_text_atomic(args.out, "\n".join(header + lines) + "\n")
+        write_text_atomic(args.out.with_suffix(".json"), json.dumps(results, indent=1) + "\n")
     return 0
 
 
