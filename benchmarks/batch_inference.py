@@ -30,6 +30,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from fidelity import command_line  # noqa: E402  (this script's folder is on the path when it runs)
+
 from tests.untrained import write_untrained_bundle  # noqa: E402  (the network's random init + a zero threshold)
 
 BUNDLE = REPO / "bundles" / "attr_constraint"
@@ -108,6 +110,7 @@ def main() -> None:
     lines = [
         f"# Folder inference memory: {args.n} NIfTIs of {tuple(args.shape)}, attr_constraint {' + '.join(configs)}",
         "",
+        f"Command: `{command_line('benchmarks/batch_inference.py')}`  ",
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores, {args.threads} "
         f"threads), python {platform.python_version()}; weights: {args.bundle_root or 'untrained (random init)'}.",
         "RSS of the `monai.bundle run` process and its children, sampled every 0.1 s; case index from the outputs.",

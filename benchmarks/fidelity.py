@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -632,6 +633,12 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return f"{name}, {kernels}" if name else kernels
 
 
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that ran ``script`` (its path from the repository root) with ``argv`` (default: this process's
+    arguments), quoted so that it can be pasted into a shell again (JSON values, lists)."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def machine() -> str:
     import torch
 
@@ -721,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[fidelity] {error}", file=sys.stderr, flush=True)
             failures[run.name] = str(error)
     records = {r.name: records.get(r.name, carried.get(r.name)) for r in RUNS if r.name in records | carried}
-    command = "python benchmarks/fidelity.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = command_line("benchmarks/fidelity.py", argv)
     write_results(records, failures, out, command, args.quick, time.monotonic() - start)
     return 1 if failures else 0
 

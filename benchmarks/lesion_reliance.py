@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fidelity import machine  # noqa: E402  (this script's folder is on the path when it runs)
+from fidelity import command_line, machine  # noqa: E402  (this script's folder is on the path when it runs)
 
 from common.errors import InputError  # noqa: E402
 from common.files import write_text_atomic  # noqa: E402
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(results)
     print("\n".join(lines))
     if args.out:
-        command = "python benchmarks/lesion_reliance.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = command_line("benchmarks/lesion_reliance.py", argv)
         header = [
             "# Does the classifier decide by the lesions?",
             "",

@@ -63,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the bundles' configs import the repository's common package
 
 import torch  # noqa: E402
+from fidelity import command_line  # noqa: E402  (this script's folder is on the path when it runs)
 from ignite.engine import Events  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
@@ -1067,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes or [parse_size(s) for s in profile.sizes]
     if args.out is None:
         args.out = str(REPO / "benchmarks" / "results" / ("speed_quick.md" if args.quick else "speed.md"))
-    args.command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    args.command = command_line("benchmarks/speed.py", argv)
     started = datetime.now(timezone.utc)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="speed_") as tmp, OtherProcessesCPU() as others:

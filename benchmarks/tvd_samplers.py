@@ -40,6 +40,8 @@ CONFIGS = REPO / "bundles" / "tvd_score" / "configs"
 SAMPLERS = {"ddim": 50, "ddpm": 1000}
 PROGRESS_FILE = "progress.json"
 
+from fidelity import command_line  # noqa: E402  (this script's folder is on the path when it runs)
+
 from common.errors import InputError  # noqa: E402
 from common.files import write_text_atomic  # noqa: E402
 from common.pipeline import cli_value, run_stage  # noqa: E402
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(runs / PROGRESS_FILE, json.dumps(record, indent=1))
     speed = record["seconds_per_sample"]
     evaluated = scores(args.bundle_root, args.preset, runs, overrides, record)
-    text = markdown(speed, evaluated, "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]))
+    text = markdown(speed, evaluated, command_line("benchmarks/tvd_samplers.py", argv))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"seconds_per_sample": speed, "evaluations": evaluated}, indent=1))

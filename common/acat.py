@@ -135,7 +135,7 @@ def training_augmentation(map_keys: Sequence[str] = (), hemisphere_flip: float =
     A mirrored hemisphere (labels 1/2 swapped), a small in-plane affine (rotation 0.1 rad,
     translation 3 voxels, scale 5%), Gaussian noise (sd 0.05, 2 HU in the 0-80 HU window) and
     intensity scale and shift. The spatial ones move ``map_keys`` (ACAT's saliency map) with the
-    image. Without the affine and the noise, two of three seeds memorised the 280 training volumes
+    image. Without the affine and the noise, two of three seeds memorised the 279 training volumes
     (training loss 0.1) at chance validation accuracy (docs/README.md, calibration).
     """
     spatial = [image_key, *map_keys]

@@ -2,6 +2,7 @@
 carried over from an earlier results file, tables."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,10 @@ def test_the_processor_is_described_from_whatever_cpuinfo_gives(tmp_path):
     partial.write_text("cpu family\t: 25\n")
     assert "(family 25 model ?)" in fidelity.cpu_description(partial)
     assert fidelity.cpu_description(tmp_path / "missing").endswith(" kernels")
+
+
+def test_a_reports_command_can_be_pasted_into_a_shell_again():
+    argv = ["--runs", "tvd_score/ellipses", "--set", "seed=[0, 1]", "--out", "a b/fidelity.md"]
+    command = fidelity.command_line("benchmarks/fidelity.py", argv)
+    assert shlex.split(command) == ["python", "benchmarks/fidelity.py", *argv]
+    assert command.startswith("python benchmarks/fidelity.py --runs tvd_score/ellipses --set 'seed=[0, 1]'")
