@@ -8,6 +8,7 @@ case in ``engine.state.metric_details[name]``.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,9 @@ from ignite.engine import Engine
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
 
 from common import handlers, metrics
+from common.handlers import memory
 from common.metrics import DegenerateMetricWarning
+from tests.bundle_runner import REPO
 
 TOL = 1e-6
 BATCH, N_BATCHES = 2, 3
@@ -247,3 +250,36 @@ def test_refresh_batch_norm_recomputes_the_statistics_before_validation():
         evaluator.run()
         refreshed = torch.allclose(network[1].running_mean, expected, atol=1e-5)
         assert refreshed == enabled
+
+
+class _FakeLibc:
+    def __init__(self, accepts: bool = True):
+        self.calls, self.accepts = [], accepts
+
+    def mallopt(self, param, value):
+        self.calls.append((param.value, value.value))
+        return int(self.accepts)
+
+
+def test_return_freed_memory_pins_glibcs_mmap_threshold(monkeypatch, caplog):
+    libc = _FakeLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    assert handlers.ReturnFreedMemory().attach(Engine(lambda e, b: None)) is True
+    assert libc.calls == [(memory.M_MMAP_THRESHOLD, 128 * 1024)] and memory.M_MMAP_THRESHOLD == -3
+    refusing = _FakeLibc(accepts=False)
+    monkeypatch.setattr(memory, "_glibc", lambda: refusing)
+    assert handlers.ReturnFreedMemory(mmap_threshold=1).attach() is False
+    assert "refused mmap threshold 1" in caplog.text
+    monkeypatch.setattr(memory, "_glibc", lambda: None)  # not glibc: nothing to set, no error
+    assert handlers.ReturnFreedMemory().attach() is False
+
+
+@pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
+def test_return_freed_memory_is_accepted_by_this_glibc():
+    assert handlers.ReturnFreedMemory().attach() is True
+
+
+@pytest.mark.parametrize("bundle", ["vagan", "icam", "acat", "attr_constraint"])
+def test_every_folder_inference_returns_freed_memory(bundle):
+    config = json.loads((REPO / "bundles" / bundle / "configs" / "inference.json").read_text())
+    assert "common.handlers.ReturnFreedMemory" in [h.get("_target_") for h in config["handlers"]]

@@ -4,6 +4,7 @@ warm-up."""
 from common.handlers.checkpoint import AtomicCheckpointSaver
 from common.handlers.images import TensorBoardAttributionMaps, TensorBoardOutputImages
 from common.handlers.inputs import ReportSkippedInputs
+from common.handlers.memory import ReturnFreedMemory
 from common.handlers.metrics import (
     AUPRC,
     AUROC,
@@ -40,6 +41,7 @@ __all__ = [
     "PooledMetric",
     "RefreshBatchNorm",
     "ReportSkippedInputs",
+    "ReturnFreedMemory",
     "SelectionWarmup",
     "TopPDice",
     "TensorBoardAttributionMaps",
