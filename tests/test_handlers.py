@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
 
 from common import handlers, metrics
@@ -253,30 +256,76 @@ def test_refresh_batch_norm_recomputes_the_statistics_before_validation():
 
 
 class _FakeLibc:
-    def __init__(self, accepts: bool = True):
-        self.calls, self.accepts = [], accepts
+    def __init__(self):
+        self.trimmed = []
 
-    def mallopt(self, param, value):
-        self.calls.append((param.value, value.value))
-        return int(self.accepts)
+    def malloc_trim(self, pad):
+        self.trimmed.append(pad.value)
 
 
-def test_return_freed_memory_pins_glibcs_mmap_threshold(monkeypatch, caplog):
+def test_return_freed_memory_trims_the_heap_after_every_iteration(monkeypatch):
     libc = _FakeLibc()
     monkeypatch.setattr(memory, "_glibc", lambda: libc)
-    assert handlers.ReturnFreedMemory().attach(Engine(lambda e, b: None)) is True
-    assert libc.calls == [(memory.M_MMAP_THRESHOLD, 128 * 1024)] and memory.M_MMAP_THRESHOLD == -3
-    refusing = _FakeLibc(accepts=False)
-    monkeypatch.setattr(memory, "_glibc", lambda: refusing)
-    assert handlers.ReturnFreedMemory(mmap_threshold=1).attach() is False
-    assert "refused mmap threshold 1" in caplog.text
-    monkeypatch.setattr(memory, "_glibc", lambda: None)  # not glibc: nothing to set, no error
-    assert handlers.ReturnFreedMemory().attach() is False
+    engine = Engine(lambda e, b: None)
+    assert handlers.ReturnFreedMemory().attach(engine) is True
+    engine.run([0, 1, 2], max_epochs=2)
+    assert libc.trimmed == [0] * 6
+    monkeypatch.setattr(memory, "_glibc", lambda: None)  # not glibc: nothing attached, no error
+    other = Engine(lambda e, b: None)
+    assert handlers.ReturnFreedMemory().attach(other) is False
+    assert not other.has_event_handler(handlers.ReturnFreedMemory, Events.ITERATION_COMPLETED)
 
 
-@pytest.mark.skipif(memory._glibc() is None, reason="glibc only")
-def test_return_freed_memory_is_accepted_by_this_glibc():
-    assert handlers.ReturnFreedMemory().attach() is True
+def test_only_glibc_is_taken_for_glibc(monkeypatch):
+    monkeypatch.setattr(memory.os, "name", "nt")
+    assert memory._glibc() is None
+    monkeypatch.setattr(memory.os, "name", "posix")
+
+    def cannot_load(name):
+        raise OSError("no C library")
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", cannot_load)
+    assert memory._glibc() is None
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: type("MuslLike", (), {"malloc_trim": print})())
+    assert memory._glibc() is None
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+
+# A freed 6 MiB block (mmapped, above the threshold) raises glibc's mmap threshold to 6 MiB and its trim threshold
+# to 12 MiB: a 4 MiB block then comes from the heap and stays there, free, after it is freed, unless trimmed.
+_HEAP_PROBE = """
+import ctypes, sys
+from ignite.engine import Engine
+from common.handlers import ReturnFreedMemory
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+class Mallinfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+libc.mallinfo2.restype = Mallinfo2
+engine = Engine(lambda e, b: libc.free(libc.malloc(4 << 20)))
+if sys.argv[1] == "attach":
+    assert ReturnFreedMemory().attach(engine)
+libc.free(libc.malloc(6 << 20))
+engine.run([0])
+print(libc.mallinfo2().fordblks >= 4 << 20)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_return_freed_memory_returns_the_freed_heap_in_this_glibc():
+    assert memory._glibc() is not None
+    if not hasattr(memory._glibc(), "mallinfo2"):
+        pytest.skip("glibc older than 2.33 (no mallinfo2)")
+    kept_free = {
+        mode: subprocess.run(
+            [sys.executable, "-c", _HEAP_PROBE, mode], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for mode in ("attach", "without")
+    }
+    assert kept_free == {"attach": "False", "without": "True"}
 
 
 @pytest.mark.parametrize("bundle", ["vagan", "icam", "acat", "attr_constraint"])

@@ -3,45 +3,46 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import logging
+import os
 
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-GLIBC_INITIAL_MMAP_THRESHOLD = 128 * 1024
+from ignite.engine import Events
 
 
 def _glibc():
-    """The C library when it is glibc (it has ``mallopt``), else None (macOS, musl without it, Windows)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
+    """The C library when it is glibc (it has ``malloc_trim`` and ``gnu_get_libc_version``), else None (macOS, musl,
+    Windows)."""
+    if os.name != "posix":
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+    try:
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
+    except (OSError, TypeError):
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version") else None
 
 
 class ReturnFreedMemory:
-    """Fix glibc's mmap threshold, so that the arrays of each case go back to the system when they are freed.
+    """After every iteration, hand the heap memory glibc holds free back to the system (``malloc_trim``).
 
-    glibc raises its mmap threshold (up to 32 MiB) each time a block it had mmapped is freed; from then on the
-    volumes of an inference run (a few MB each, of sizes that change with each case's resizing and inversion) are
-    carved out of the heap, whose freed space is rarely returned, and the run's resident memory grows case after case
-    though nothing leaks (200 3D cases of attr_constraint, `benchmarks/batch_inference.py`: +11 % and +23 % after
-    the first 20). Pinning the threshold at its initial value (the same as the environment variable
-    ``MALLOC_MMAP_THRESHOLD_=131072``) keeps them in mmap. Our own because no maintained library exposes
-    ``mallopt``; nothing happens where the C library is not glibc.
+    When glibc frees a block it had mmapped that is larger than its mmap threshold (up to 32 MiB), it raises the
+    threshold to that block's size and its heap trim threshold to twice that; from then on the volumes of an
+    inference run (a few MB each, of sizes that change with each case's resizing and inversion) are carved out of the
+    heap, whose freed space is rarely returned, and the run's resident memory grows case after case though nothing
+    leaks (200 3D cases of attr_constraint, `benchmarks/batch_inference.py`: +11 % and +23 % after the first 20).
+    Trimming once per case returns that space; pinning the thresholds instead (``MALLOC_MMAP_THRESHOLD_``) also keeps
+    the memory flat but mmaps every array of 128 KiB or more, the network's activations too, which made inference
+    14-20 % slower. Our own because no maintained library exposes ``malloc_trim``; where the C library is not glibc
+    the handler does not attach.
     """
 
-    def __init__(self, mmap_threshold: int = GLIBC_INITIAL_MMAP_THRESHOLD, logger_name: str = "ReturnFreedMemory"):
-        self.mmap_threshold = int(mmap_threshold)
-        self.logger = logging.getLogger(logger_name)
+    def __init__(self):
+        self.libc = _glibc()
 
-    def attach(self, engine=None) -> bool:
-        """Set the threshold for the whole process (the engine is not needed); returns whether it was set."""
-        libc = _glibc()
-        if libc is None:
+    def attach(self, engine) -> bool:
+        """Trim after each of ``engine``'s iterations; returns whether it attached (glibc only)."""
+        if self.libc is None:
             return False
-        done = bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(self.mmap_threshold)))
-        if not done:
-            self.logger.warning(f"glibc refused mmap threshold {self.mmap_threshold}; memory may grow over long runs")
-        return done
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        return True
+
+    def __call__(self, engine=None) -> None:
+        self.libc.malloc_trim(ctypes.c_size_t(0))

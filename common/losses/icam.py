@@ -71,8 +71,8 @@ class ICAMLossWeights:
         domain_class_generator: lambda_DBCE in G's update, class of translated images (5).
         attribute_bce: lambda_BCE, the attribute classifier (10).
         kl: lambda_KL, attribute latent KL (0.01).
-        fa_map: lambda_M, L1 of the FA map (10; the authors' public code notes 15 as slightly better on their
-            lesion data).
+        fa_map: lambda_M, L1 of the FA map (10; by the project's notes on the authors' code, their sweep found 15
+            slightly better on their lesion data).
         latent_regression: lambda_za, Eq. 2 (1).
         reconstruction_l1: lambda_rec for the L1 self and cycle reconstruction (100).
         reconstruction_l2: lambda_rec for the L2 self and cycle reconstruction (100).
