@@ -40,7 +40,6 @@ instead of 0.4 s with one thread.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -67,6 +66,7 @@ from fidelity import command_line  # noqa: E402  (this script's folder is on the
 from ignite.engine import Events  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
+from common.handlers.memory import trim_freed_heap  # noqa: E402
 from common.pipeline import read_stages  # noqa: E402
 
 BUNDLES = REPO / "bundles"
@@ -269,10 +269,7 @@ class PeakMemory:
         # Heap memory freed by the build (data generation, caching) but kept by glibc would be reused unseen by RSS:
         # hand it back to the system first, so that what the measured code allocates shows up.
         gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        trim_freed_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

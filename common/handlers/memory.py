@@ -20,6 +20,16 @@ def _glibc():
     return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "gnu_get_libc_version") else None
 
 
+def trim_freed_heap(libc=None) -> bool:
+    """Hand the heap memory glibc holds free back to the system (``malloc_trim(0)``); returns whether it could (glibc
+    only). ``libc``: a handle from ``_glibc()`` kept by the caller, to look it up once."""
+    libc = libc if libc is not None else _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(ctypes.c_size_t(0))
+    return True
+
+
 class ReturnFreedMemory:
     """After every iteration, hand the heap memory glibc holds free back to the system (``malloc_trim``).
 
@@ -45,4 +55,4 @@ class ReturnFreedMemory:
         return True
 
     def __call__(self, engine=None) -> None:
-        self.libc.malloc_trim(ctypes.c_size_t(0))
+        trim_freed_heap(self.libc)
