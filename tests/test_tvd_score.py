@@ -229,6 +229,24 @@ def test_bootstrap_positive_and_shrinks_with_more_samples():
     assert results[50][1] < results[50][0]
 
 
+def test_bootstrap_global_variance_is_the_mean_local_variance_over_the_number_of_values():
+    # Each value's samples are resampled independently and the global score is the weighted mean of the local
+    # ones (Eq. 7), so with Var(Y) fixed Var(global) = sum_v w_v^2 Var(local_v): the mean local variance / m for
+    # equal weights, (1 / 4m_0 + 1 / 4m_1) x it for class-balanced ones. The docs use this to relate the paper's
+    # Table 4 ratios (local / global about 2,000 for the ellipses) to its number of feature values.
+    rng = np.random.default_rng(5)
+    probabilities = np.r_[np.zeros(6), rng.uniform(0.05, 0.95, 8), np.ones(6)]
+    groups = _bernoulli_groups(rng, probabilities, 200)
+    reference = (rng.random(2000) < 0.5).astype(np.int64)
+    local, global_ = metrics.tvd_bootstrap_variance(groups, reference, n_resamples=20000, seed=0)
+    assert global_ == pytest.approx(local / len(groups), rel=0.05)
+    classes = np.r_[np.zeros(5), np.ones(15)].astype(np.int64)
+    local, global_ = metrics.tvd_bootstrap_variance(groups, reference, classes, n_resamples=20000, seed=0)
+    weights = np.where(classes == 0, 1 / (2 * 5), 1 / (2 * 15))
+    per_value = [metrics.tvd_bootstrap_variance([g], reference, n_resamples=20000, seed=1)[0] for g in groups]
+    assert global_ == pytest.approx(float(np.sum(weights**2 * per_value)), rel=0.05)
+
+
 def test_bootstrap_deterministic_for_a_seed():
     rng = np.random.default_rng(4)
     groups = _bernoulli_groups(rng, rng.uniform(0.1, 0.9, 10), 100)
