@@ -209,6 +209,22 @@ def markdown(speed: dict, evaluated: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def config_settings(items: list[str]) -> dict:
+    """``--set ID=JSON`` items as config overrides: JSON, else a Python literal (as on MONAI's command line:
+    "[False, True]"), else the string itself."""
+    settings = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                settings[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                settings[key] = value
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle_root", required=True, help="a trained tvd_score bundle root (models/ inside)")
@@ -227,15 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_value": args.samples_per_value,
         "sample_batch_size": args.samples_per_value,
     }
-    for item in args.set:
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            try:  # Python literals too, as on MONAI's command line: "[False, True]"
-                overrides[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                overrides[key] = value
+    overrides.update(config_settings(args.set))
     out = Path(args.out)
     runs = out.parent / (out.stem + "_runs")
     arguments = {"bundle_root": args.bundle_root, "preset": args.preset, "batch": args.batch, "overrides": overrides}

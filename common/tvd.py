@@ -381,6 +381,7 @@ class FeatureSampler:
         eta: DDIM noise weight.
         decode: latents -> images (latent diffusion); None in pixel space.
         device: where to sample.
+        amp: the networks in bfloat16 autocast while sampling (:func:`common.diffusion.guided_step`).
     """
 
     def __init__(
@@ -397,6 +398,7 @@ class FeatureSampler:
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         device=None,
         rho_per_train_step: bool = True,
+        amp: bool = False,
     ):
         if not sd > 0:
             raise ValueError(f"sd={sd}; expected the feature's (positive) standard deviation")
@@ -412,6 +414,7 @@ class FeatureSampler:
         self.decode = decode
         self.device = torch.device(device) if device is not None else None
         self.rho_per_train_step = bool(rho_per_train_step)
+        self.amp = bool(amp)
 
     def standardise(self, target: torch.Tensor | float) -> torch.Tensor:
         """(v - mean) / sd: the guidance target c0 in the regressor's standardised units."""
@@ -433,6 +436,7 @@ class FeatureSampler:
             generator=generator,
             device=self.device,
             rho_per_train_step=self.rho_per_train_step,
+            amp=self.amp,
         )
         if self.decode is not None:
             with torch.no_grad(), frozen(*modules_of(self.decode)):
@@ -496,6 +500,7 @@ class RegionSampler:
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         device=None,
         rho_per_train_step: bool = True,
+        amp: bool = False,
     ):
         if mode not in self.MODES:
             raise InputError(f"region_mode '{mode}' is unknown; expected one of {list(self.MODES)}")
@@ -514,6 +519,7 @@ class RegionSampler:
         self.decode = decode
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.rho_per_train_step = bool(rho_per_train_step)
+        self.amp = bool(amp)
 
     def region(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(known image (1, C, *S), dilated mask (1, 1, *S)) of item ``index``, on the sampling device."""
@@ -528,7 +534,11 @@ class RegionSampler:
         index = int(torch.as_tensor(target).reshape(-1)[0].round())
         image, mask = self.region(index)
         kwargs: dict[str, Any] = dict(
-            num_inference_steps=self.num_inference_steps, eta=self.eta, generator=generator, device=self.device
+            num_inference_steps=self.num_inference_steps,
+            eta=self.eta,
+            generator=generator,
+            device=self.device,
+            amp=self.amp,
         )
         if self.mode == "guidance":
             known = (image * mask).flatten(1)
@@ -1004,8 +1014,9 @@ def roi_inference(
     Writes ``<stem>_sample_<i>.nii.gz`` (in the input's shape and affine: the pre-processing is inverted;
     intensities stay in the networks' [-1, 1]), ``<stem>_samples.png`` (gallery, the ROI first),
     ``<stem>_samples.csv`` (per-sample features and decisions) and ``<stem>_tvd.json`` (the summary, returned).
-    ``sampler_kwargs``: ``model, scheduler, sample_shape, num_inference_steps, eta, encode, decode, device`` and
-    ``rho`` (feature) / ``region_rho``, ``region_mode``, ``region_dilation`` (region).
+    ``sampler_kwargs``: ``model, scheduler, sample_shape, num_inference_steps, eta, encode, decode, device``,
+    optionally ``rho_per_train_step`` and ``amp``, and ``rho`` (feature) / ``region_rho``, ``region_mode``,
+    ``region_dilation`` (region).
     """
     from monai.transforms import Invertd
 
@@ -1032,6 +1043,7 @@ def roi_inference(
         decode=kw["decode"],
         device=device,
         rho_per_train_step=kw.get("rho_per_train_step", True),
+        amp=kw.get("amp", False),
     )
     if input_mask:
         if region_feature is None:

@@ -1,6 +1,7 @@
 """TVD-score bundle: the documented pipeline (classifier -> regressor -> diffusion -> evaluate) through the real
 configs at tiny size, inference (feature-guided samples), and unit tests of the config glue in common.tvd."""
 
+import ast
 import csv
 import json
 import math
@@ -28,6 +29,7 @@ from tests.bundle_runner import REPO, cli_value
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import tvd_samplers  # noqa: E402
+import tvd_sampling_precision  # noqa: E402
 
 FEATURES = ["aspect_ratio", "size"]
 CONFIGS = REPO / "bundles" / "tvd_score" / "configs"
@@ -323,6 +325,21 @@ def test_evaluation_reports_both_features_with_finite_scores(pipeline):
     assert all(f"| {f} |" in markdown for f in FEATURES) and "plain (unguided)" in markdown
 
 
+def test_sampling_amp_reaches_the_samplers_and_the_report(pipeline):
+    root, common = pipeline
+    overrides = {k: ast.literal_eval(v) if k == "diffusion_attention_levels" else v for k, v in common}
+    assert _config("train.json", "evaluate.json")["sampling_amp"] is False  # opt-in: it moves samples (docs)
+    for amp in (False, True):
+        evaluate = _config("train.json", "evaluate.json", "ellipses.json")
+        evaluate.update({**overrides, "sampling_amp": amp})
+        assert evaluate.get_parsed_content("evaluate#sample_fn")("size").amp is amp
+        assert evaluate.get_parsed_content("evaluate#settings")["sampling_amp"] is amp  # so in the run key too
+        inference = _config("train.json", "inference.json", "ellipses.json")
+        inference.update({**overrides, "sampling_amp": amp, "feature": "size", "value": 100.0})
+        assert inference.get_parsed_content("inferer").amp is amp
+        assert inference.get_parsed_content("inference#sampler_kwargs")["amp"] is amp  # roi_inference's samplers
+
+
 def test_a_stopped_evaluation_resumes_from_its_sampling_records(pipeline, tmp_path):
     """Stopped after both features' conditional sampling (the unguided sampling made to fail), then run with
     ``--resume True``: the features come from the records (a record's drawn counts, doubled on purpose, halve
@@ -353,17 +370,22 @@ def test_a_stopped_evaluation_resumes_from_its_sampling_records(pipeline, tmp_pa
     assert resumed["features"] == whole["features"] and resumed["coverage"] == whole["coverage"]
 
 
-def _sampler_benchmark_args(pipeline, out) -> list[str]:
+def _benchmark_bundle_args(pipeline) -> list[str]:
+    """The tiny bundle for the sampler benchmarks: its root, preset and sizes (``--set``)."""
     root, common = pipeline
-    # the benchmark sets the steps itself (50 DDIM, 1000 DDPM)
+    # the benchmarks set the steps themselves (50 DDIM, 1000 DDPM)
     skip = ("bundle_root", "rejection_tolerance", "num_inference_steps")
     settings = [f"{k}={cli_value(v)}" for k, v in common if k not in skip]
     settings.append("rejection_tolerance=100.0")
-    args = ["--bundle_root", str(root / "bundle"), "--preset", "ellipses.json", "--n_values", "1"]
-    args += ["--samples_per_value", "2", "--batch", "2", "--out", str(out)]
+    args = ["--bundle_root", str(root / "bundle"), "--preset", "ellipses.json"]
     for setting in settings:
         args += ["--set", setting]
     return args
+
+
+def _sampler_benchmark_args(pipeline, out) -> list[str]:
+    args = [*_benchmark_bundle_args(pipeline), "--n_values", "1"]
+    return args + ["--samples_per_value", "2", "--batch", "2", "--out", str(out)]
 
 
 def test_sampler_benchmark_times_both_samplers_and_compares_their_scores(pipeline, tmp_path):
@@ -428,6 +450,24 @@ def test_sampler_benchmark_goes_on_after_a_stop(pipeline, tmp_path, monkeypatch)
         tvd_samplers.main(args)
     with pytest.raises(InputError, match="progress.json: the record of a run with other arguments .*batch"):
         tvd_samplers.main([*args, "--batch", "3"])
+
+
+def test_precision_benchmark_pairs_float32_and_bfloat16_samples(pipeline, tmp_path):
+    args = [*_benchmark_bundle_args(pipeline), "--n_values", "2", "--samples", "3", "--control"]
+    assert tvd_sampling_precision.main([*args, "--out", str(tmp_path / "precision.md")]) == 0
+    result = json.loads((tmp_path / "precision.json").read_text())
+    assert set(result["features"]) == set(FEATURES)
+    runs = ["float32", "bfloat16 autocast", "float32, 1 thread"]
+    for f in result["features"].values():
+        assert f["pairs"] == 2 * 3 and len(f["values"]) == 2
+        assert list(f["against_float32"]) == runs[1:] and list(f["positive_rate"]) == runs
+        for c in f["against_float32"].values():
+            assert 0.0 <= c["same_decision"] <= 1.0 and 0.0 <= c["same_keep"] <= 1.0
+        # the pairs share x_T and every step's noise: bfloat16 changes them, yet not to infinity
+        bf16 = f["against_float32"]["bfloat16 autocast"]
+        assert 0.0 < bf16["g_difference_sd_mean"] <= bf16["g_difference_sd_max"] < float("inf")
+    assert list(result["seconds_per_sample"]) == runs and all(s > 0 for s in result["seconds_per_sample"].values())
+    assert "float32 / bfloat16 time per sample" in (tmp_path / "precision.md").read_text()
 
 
 def test_sampler_agreement_needs_the_whole_interval_inside_the_margin():

@@ -12,7 +12,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from common.diffusion import guided_sample, guided_step, normalised_guidance, piecewise_rho, reject_off_target
-from tests.toys import tiny_diffusion_unet
+from tests.toys import PrecisionRecorder, tiny_diffusion_unet
 
 T, BETA_START, BETA_END = 1000, 0.0015, 0.0205
 BETAS = torch.linspace(BETA_START, BETA_END, T, dtype=torch.float64)
@@ -213,6 +213,31 @@ def test_guided_step_with_monai_diffusion_unet():
     plain = guided_step(unet, scheduler, x, 600, generator=seeded(4))
     guided = guided_step(unet, scheduler, x, 600, mean_intensity, torch.tensor([0.5, -0.5]), 0.1, generator=seeded(4))
     torch.testing.assert_close((plain - guided).flatten(1).norm(dim=1), torch.full((2,), 0.1))
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_amp_runs_the_networks_in_bfloat16_and_keeps_the_update_float32(guided):
+    # ConvEps, not the untrained MONAI UNet: that one's zero-initialised output conv gives eps = 0 in any precision
+    unet, g = PrecisionRecorder(ConvEps().eval()), PrecisionRecorder(Regressor())
+    scheduler = ddpm(clip_sample=False)  # clipping x0_hat would hide eps from the update
+    x = torch.randn(3, 1, 8, 8, generator=seeded(0))
+    guide = dict(feature_fn=g, target=torch.tensor([0.5, 0.0, -0.5]), rho=0.1) if guided else {}
+    full = guided_step(unet, scheduler, x, 600, generator=seeded(4), **guide)
+    assert unet.calls == [False] and g.calls == ([False] if guided else [])
+    unet.calls.clear(), g.calls.clear()
+    mixed = guided_step(unet, scheduler, x, 600, generator=seeded(4), amp=True, **guide)
+    assert unet.calls == [True] and g.calls == ([True] if guided else [])
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
+    # bfloat16 keeps 8 bits of mantissa: the same step to about 1e-2, yet not bit-identical (autocast was on)
+    torch.testing.assert_close(mixed, full, rtol=0.0, atol=0.05)
+    assert not torch.equal(mixed, full)
+
+
+def test_amp_sampling_passes_amp_to_every_step():
+    unet = PrecisionRecorder(tiny_diffusion_unet())
+    samples = guided_sample(unet, ddim(5), (2, 1, 8, 8), generator=seeded(1), amp=True)
+    assert unet.calls == [True] * 5
+    assert samples.dtype == torch.float32
 
 
 # --- guidance works: a short guided sampling run ---------------------------------------------------------

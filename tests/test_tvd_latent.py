@@ -20,7 +20,7 @@ from common.diffusion import (
     training_latent_scale,
 )
 from common.errors import InputError
-from tests.toys import tiny_autoencoder_kl, tiny_diffusion_unet
+from tests.toys import PrecisionRecorder, tiny_autoencoder_kl, tiny_diffusion_unet
 
 T = 1000
 
@@ -152,6 +152,26 @@ def test_region_replacement_in_latent_space_pins_the_encoded_region():
         z_known = LatentEncoder(ae, scale)(known.unsqueeze(0))
     # the latent cells under the image region (4:8 -> 2:4) are the item's encoded latent
     torch.testing.assert_close(seen["z"][:, :, 2:4, 2:4], z_known[:, :, 2:4, 2:4].expand(2, 1, 2, 2))
+
+
+def test_samplers_run_their_networks_in_bfloat16_with_amp():
+    ae, scale = tiny_autoencoder_kl().eval(), 2.0
+    known = torch.rand(1, 16, 16) * 2 - 1
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 4:8, 4:8] = 1
+    # the decoder runs under autocast inside each guided step; the final decode of the samples stays float32
+    for mode, decoder_calls in (("guidance", [True] * 3 + [False]), ("replace", [False])):
+        unet, decoder = PrecisionRecorder(tiny_diffusion_unet(2)), PrecisionRecorder(LatentDecoder(ae, scale))
+        sampler = tvd.RegionSampler(
+            unet, ddim(3), (1, 8, 8), [(known, mask)], mode=mode, dilation=0,
+            encode=LatentEncoder(ae, scale), decode=decoder, amp=True,
+        )  # fmt: skip
+        images = sampler(2, torch.zeros(2), torch.Generator().manual_seed(0))
+        assert unet.calls == [True] * 3 and decoder.calls == decoder_calls, mode
+        assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    unet = PrecisionRecorder(tiny_diffusion_unet(2))
+    tvd.feature_sampler(unet, ddim(3), (1, 8, 8), num_inference_steps=3, amp=True)(2)
+    assert unet.calls == [True] * 3
 
 
 def test_region_sampler_rejects_unknown_modes():

@@ -50,3 +50,17 @@ def tiny_autoencoder_kl(spatial_dims: int = 2, seed: int | None = 0):
         with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
     )
+
+
+class PrecisionRecorder(nn.Module):
+    """Wraps a network and records, per call, whether it ran under bfloat16 autocast."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.calls: list[bool] = []
+
+    def forward(self, x, *args, **kwargs):
+        device = x.device.type
+        self.calls.append(torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16)
+        return self.net(x, *args, **kwargs)
