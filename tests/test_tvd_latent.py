@@ -61,7 +61,8 @@ def test_scale_factor_is_one_over_the_latent_sd_and_is_reused_on_resume(tmp_path
     torch.manual_seed(1)
     scale = latent_scale_factor(ae, loader, max_batches=2)
     torch.manual_seed(1)
-    latents = torch.cat([ae.encode_stage_2_inputs(b["image"]).flatten() for b in loader])
+    with torch.no_grad():
+        latents = torch.cat([ae.encode_stage_2_inputs(b["image"]).flatten() for b in loader])
     assert scale == pytest.approx(1.0 / float(latents.std()), rel=1e-5)
     path = tmp_path / "latent_scale.json"
     written = training_latent_scale(path, ae, loader)
